@@ -1,0 +1,29 @@
+"""Shared fixtures. Everything runs on CPU with no network."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(params=["vp", "subvp", "ve"])
+def sde(request):
+    from diffusion.sde import SubVPSDE, VESDE, VPSDE
+
+    return {"vp": VPSDE(T=0.6), "subvp": SubVPSDE(T=0.6), "ve": VESDE(T=0.6, sigma_max=5.0)}[request.param]
