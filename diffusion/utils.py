@@ -149,3 +149,31 @@ def _splitmix64(z: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
     return z ^ (z >> 31)
+
+
+class ShardedNoise:
+    """Noise for one rank's shard of a global batch, identical to the 1-process draw.
+
+    Every draw of shape ``[b, *D]`` takes ``[global_batch, *D]`` values from ``generator`` and
+    returns rows ``offset .. offset + b``. With the global batch split into contiguous per-rank
+    slices, the noise (and diffusion times) of each global sample then depend only on the
+    generator's seed and the sample's position in the global batch, not on the number of ranks.
+    The extra draws cost ``world_size`` times the random numbers, negligible next to the network.
+    """
+
+    def __init__(self, generator: torch.Generator, global_batch: int, offset: int) -> None:
+        if not 0 <= offset < global_batch:
+            raise ValueError(f"offset {offset} outside a global batch of {global_batch}")
+        self.generator, self.global_batch, self.offset = generator, global_batch, offset
+
+    def _draw(self, fn, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> Tensor:
+        if self.offset + shape[0] > self.global_batch:
+            raise ValueError(f"rows {self.offset}..{self.offset + shape[0]} outside a global batch of {self.global_batch}")
+        full = fn((self.global_batch, *shape[1:]), generator=self.generator, device=self.generator.device, dtype=dtype)
+        return full[self.offset: self.offset + shape[0]].to(device)
+
+    def randn(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self._draw(torch.randn, shape, device, dtype)
+
+    def rand(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self._draw(torch.rand, shape, device, dtype)
