@@ -56,6 +56,7 @@ def main(args: list[str] | None = None, run: bool = True) -> DifftimeCLI:
         run=run,
         trainer_defaults={"use_distributed_sampler": False},
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
     )
 
 
