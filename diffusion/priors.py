@@ -20,6 +20,7 @@ from diffusion.utils import Generator, append_dims, randn, sum_flat
 @runtime_checkable
 class Prior(Protocol):
     event_shape: tuple[int, ...]
+    exact: bool  # log_prob is the exact log-density (False: a lower bound, e.g. a VAE)
 
     def sample(self, n: int, generator: Generator = None) -> Tensor: ...
 
@@ -28,6 +29,8 @@ class Prior(Protocol):
 
 class GaussianPrior(nn.Module):
     """Isotropic Gaussian N(mean, std^2 I) over samples of ``event_shape``."""
+
+    exact, bound_name = True, "exact"
 
     def __init__(self, event_shape: tuple[int, ...], std: float = 1.0, mean: float = 0.0) -> None:
         super().__init__()

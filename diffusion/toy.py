@@ -30,6 +30,8 @@ class GaussianMixture(nn.Module):
     q_T and can be used as the prior of a sampler.
     """
 
+    exact, bound_name = True, "exact"
+
     def __init__(self, weights: Tensor, means: Tensor, covs: Tensor,
                  event_shape: Sequence[int] | None = None) -> None:
         super().__init__()

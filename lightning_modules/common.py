@@ -1,0 +1,126 @@
+"""Shared machinery of difftime's LightningModules.
+
+* Counter-based randomness: step k of the run draws its noise from a generator seeded by
+  (seed, k), for the whole global batch, and each rank keeps its slice
+  (:class:`~diffusion.utils.ShardedNoise`). A resumed run, or the same run on another number of
+  devices, draws exactly the same numbers. ``k`` is a buffer, so it is restored with the weights.
+* Fault-tolerant steps: a non-finite loss or gradient norm is detected on all ranks together
+  before the optimizer step; the step is then skipped everywhere (weights, optimizer moments,
+  EMA and LR scheduler unchanged) and counted; after ``max_consecutive_skips`` the run stops
+  cleanly, its last checkpoint holding finite weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+
+from diffusion.data import ContinuousScaling, DataScaling
+from diffusion.utils import ConfigError, ShardedNoise, step_seed
+
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def is_plain(value: Any) -> bool:
+    """Only plain types go into checkpoint hyperparameters, so checkpoints load with weights_only."""
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
+    return isinstance(value, _PLAIN)
+
+
+class DiffusionSystem(LightningModule):
+    """Base of ScoreModule and AuxPriorModule: counter-based noise and guarded optimizer steps.
+
+    Subclasses call :meth:`guard_loss` on their training loss, implement :meth:`trainable`
+    (the module whose gradients are checked) and may override :meth:`after_optimizer_step`.
+    """
+
+    def __init__(self, seed: int = 0, max_consecutive_skips: int = 20) -> None:
+        super().__init__()
+        if max_consecutive_skips < 1:
+            raise ConfigError("max_consecutive_skips", max_consecutive_skips, ">= 1", type(self).__name__)
+        self.seed, self.max_consecutive_skips = int(seed), int(max_consecutive_skips)
+        self.scaling: DataScaling = ContinuousScaling()
+        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self._consecutive_skips, self._skip_this_step = 0, False
+        self._last_loss: Tensor = torch.zeros(())
+
+    def save_plain_hyperparameters(self) -> None:
+        """save_hyperparameters, keeping only plain values (the CLI's class_path dicts are plain)."""
+        with warnings.catch_warnings():  # modules given directly in Python are dropped just below
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters(frame=inspect.currentframe().f_back)
+        self.remove_ignored_hparams([k for k, v in self.hparams.items() if not is_plain(v)])
+
+    def trainable(self) -> nn.Module:
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "scaling"):
+            self.scaling = datamodule.scaling
+
+    # ------------------------------------------------------------------ randomness
+    def step_noise(self, local_batch: int) -> ShardedNoise:
+        """This step's noise source (global draws, this rank's slice); also seeds dropout."""
+        step = int(self.batches_seen)
+        generator = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, step))
+        torch.manual_seed(step_seed(self.seed, step, self.global_rank, 1))  # dropout and the like
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.global_rank if self._trainer is not None else 0
+        return ShardedNoise(generator, local_batch * world, rank * local_batch)
+
+    def guard_loss(self, loss: Tensor) -> Tensor:
+        """Record the step's loss for the finiteness check and advance the step counter."""
+        self.batches_seen += 1
+        self._last_loss = loss.detach()
+        return loss
+
+    # ------------------------------------------------------------------ guarded steps
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Detect a non-finite loss or gradient on all ranks together, before the step.
+
+        Gradients are already all-reduced (and unscaled under fp16), so their verdict is the same
+        on every rank; the loss flag is reduced explicitly. A faulty step is skipped everywhere:
+        the gradients are dropped (Adam then updates neither weights nor moments), and the EMA
+        and the LR scheduler are not stepped. Under fp16 an overflow with a finite loss is the
+        grad scaler's business (it skips the step and lowers the scale), not a fault.
+        """
+        grads = [p.grad for p in self.trainable().parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True).float() if grads else torch.zeros((), device=self.device)
+        loss_flag = (~torch.isfinite(self._last_loss.to(self.device))).float()
+        loss_bad = bool(self.trainer.strategy.reduce(loss_flag, reduce_op="sum") > 0)
+        grad_bad = not bool(torch.isfinite(norm))
+        self._skip_this_step = loss_bad or grad_bad
+        overflow = grad_bad and not loss_bad and getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        if self._skip_this_step:
+            optimizer.zero_grad(set_to_none=True)
+        if self._skip_this_step and not overflow:
+            self.skipped_steps += 1
+            self._consecutive_skips += 1
+            if self._consecutive_skips >= self.max_consecutive_skips:
+                self.trainer.should_stop = True
+        elif not self._skip_this_step:
+            self._consecutive_skips = 0
+            self.log("train/grad_norm", norm)
+        self.log("train/skipped_steps", self.skipped_steps.float())
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if not self._skip_this_step:
+            self.after_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step that was not skipped (EMA updates go here)."""
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        if not self._skip_this_step:
+            super().lr_scheduler_step(scheduler, metric)
