@@ -54,6 +54,17 @@ def _find_key(config: Any, error: ConfigError, path: str = "") -> str | None:
     return None
 
 
+def _config_error(error: BaseException | None) -> ConfigError | None:
+    """The ConfigError behind an exception (jsonargparse wraps errors raised in constructors)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ConfigError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _latest_version(root: Path) -> str | None:
     versions = [(int(m.group(1)), p.name) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
     return max(versions)[1] if versions else None
@@ -135,7 +146,10 @@ class DifftimeCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except ConfigError as error:
+        except Exception as raised:
+            error = _config_error(raised)
+            if error is None:
+                raise
             config = self.config[self.subcommand] if self.subcommand else self.config
             key = _find_key(config.as_dict(), error)
             message = error.with_prefix(key[: -len(error.key)]) if key else error

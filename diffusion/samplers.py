@@ -158,34 +158,39 @@ def reverse_diffusion_step(score_fn: ScoreFn, sde: SDE, x: Tensor, t_hi: float, 
 
 
 def langevin_step(score_fn: ScoreFn, x: Tensor, t: float, snr: float, alpha: float,
-                  generator: Generator = None) -> Tensor:
+                  generator: Generator = None, noise_std: float | None = None) -> Tensor:
     """One Langevin corrector step at time t (Song et al. 2021, Algorithms 4/5, App. G).
 
-    step = 2 alpha (snr ||z|| / ||score||)^2, x <- x + step score + sqrt(2 step) z, with the
-    norms taken per sample over all dims, so a sample's step never depends on its batch. A
-    sample whose score is exactly zero (where the rule is undefined) is left unchanged.
+    x <- x + step score + sqrt(2 step) z with step = 2 alpha (snr ||z|| / ||score||)^2.
 
-    The per-sample step depends on the state, which biases the chain: in the small-step limit
-    its stationary density is proportional to p(x) ||score(x)||^2 instead of p(x), and reusing
-    z in the step size adds a factor (D + 2) / D to the injected variance. Both vanish when
-    ||score|| concentrates, as it does for images (relative variance error about 4 / D +
-    snr^2 for an isotropic Gaussian), but in very low dimensions the step is heavy-tailed
-    (||score|| -> 0 at a mode) and the chain diverges: use a D of at least tens, or
-    ``corrector_steps = 0``, or another sampler there.
+    * ``noise_std`` given (the default of :func:`predictor_corrector`): the norms are replaced
+      by their expectations under q_t, E||z||^2 = D and E||score||^2 ~ D / s(t)^2, so
+      step = 2 alpha snr^2 s(t)^2. The step does not depend on the state, the chain is a plain
+      Langevin chain (O(step) bias only) and no sample's step depends on its batch. This is
+      the rule of Song et al.'s code up to their batch average of the norms.
+    * ``noise_std=None``: the norms of each sample, per Algorithm 4/5 read per sample. The
+      state-dependent step biases the chain: in the small-step limit its stationary density
+      is p(x) ||score(x)||^2, and reusing z adds a factor (D + 2) / D to the injected variance.
+      Both vanish as D grows (images), but in low dimensions ||score|| -> 0 at a mode and the
+      chain diverges. A sample whose score is exactly zero is left unchanged.
     """
     score = _score(score_fn, x, _batch_time(t, x))
     z = randn(x.shape, generator, x.device, x.dtype)
-    score_norm = score.flatten(1).norm(dim=1)
-    ratio = snr * z.flatten(1).norm(dim=1) / torch.where(score_norm > 0, score_norm, math.inf)
-    step = append_dims(2.0 * alpha * ratio**2, x.ndim)
+    if noise_std is not None:
+        step = torch.full((x.shape[0],), 2.0 * alpha * (snr * noise_std) ** 2, device=x.device, dtype=x.dtype)
+    else:
+        score_norm = score.flatten(1).norm(dim=1)
+        ratio = snr * z.flatten(1).norm(dim=1) / torch.where(score_norm > 0, score_norm, math.inf)
+        step = 2.0 * alpha * ratio**2
+    step = append_dims(step, x.ndim)
     return x + step * score + torch.sqrt(2.0 * step) * z
 
 
 @torch.no_grad()
 def predictor_corrector(score_fn: ScoreFn, sde: SDE, x_T: Tensor, steps: int,
                         generator: Generator = None, callback: Callback | None = None, *,
-                        snr: float = 0.16, corrector_steps: int = 1,
-                        denoise: bool = True) -> tuple[Tensor, Info]:
+                        snr: float = 0.16, corrector_steps: int = 1, denoise: bool = True,
+                        step_size: Literal["expected", "per_sample"] = "expected") -> tuple[Tensor, Info]:
     """Predictor-corrector sampling (Song et al. 2021, Sec. 4.2, Algorithms 4 and 5).
 
     Each grid step runs the reverse-diffusion predictor t_i -> t_{i+1}, then
@@ -194,7 +199,9 @@ def predictor_corrector(score_fn: ScoreFn, sde: SDE, x_T: Tensor, steps: int,
     general linear SDE the same quantity is alpha_i = a^2 = (m(t_i) / m(t_{i+1}))^2, the
     squared mean decay of the forward kernel over the grid step (a = sqrt(1 - beta_i) for VP,
     m = 1 and so alpha = 1 for VE). Noise is added at every step, the last one included.
-    NFE = steps (1 + corrector_steps) (+1 if denoise).
+    NFE = steps (1 + corrector_steps) (+1 if denoise). ``step_size`` selects the Langevin
+    step rule (see :func:`langevin_step`): "expected" (state-independent, s(t)-based) or
+    "per_sample" (the per-sample norm ratio).
     """
     steps = _positive_int("steps", steps, "predictor_corrector")
     snr = _positive_float("snr", snr, "predictor_corrector")
@@ -204,12 +211,14 @@ def predictor_corrector(score_fn: ScoreFn, sde: SDE, x_T: Tensor, steps: int,
         t_hi, t_lo = grid[i], grid[i + 1]
         x = reverse_diffusion_step(score_fn, sde, x, t_hi, t_lo, generator)
         alpha = transition_coeffs(sde, t_hi, t_lo)[0] ** 2
+        noise_std = _coeff(sde.marginal_std, t_lo) if step_size == "expected" else None
         for _ in range(corrector_steps):
-            x = langevin_step(score_fn, x, t_lo, snr, alpha, generator)
+            x = langevin_step(score_fn, x, t_lo, snr, alpha, generator, noise_std)
         nfe += 1 + corrector_steps
         _notify(callback, i, t_lo, x, nfe)
     x, nfe = _finish(score_fn, sde, x, denoise, nfe)
-    return x, _info("predictor_corrector", nfe, steps, sde, snr=snr, corrector_steps=corrector_steps)
+    return x, _info("predictor_corrector", nfe, steps, sde, snr=snr, corrector_steps=corrector_steps,
+                    step_size=step_size)
 
 
 # ---------------------------------------------------------------------- probability-flow ODE
@@ -331,12 +340,15 @@ class PredictorCorrector(Sampler):
     function = staticmethod(predictor_corrector)
 
     def __init__(self, steps: int = 1000, snr: float = 0.16, corrector_steps: int = 1,
-                 denoise: bool = True) -> None:
+                 denoise: bool = True, step_size: Literal["expected", "per_sample"] = "expected") -> None:
         owner = type(self).__name__
         self.steps = _positive_int("steps", steps, owner)
         self.snr = _positive_float("snr", snr, owner)
         self.corrector_steps = _positive_int("corrector_steps", corrector_steps, owner, minimum=0)
         self.denoise = bool(denoise)
+        if step_size not in ("expected", "per_sample"):
+            raise ConfigError("step_size", step_size, "'expected' or 'per_sample'", owner)
+        self.step_size = step_size
 
 
 class HeunODE(Sampler):

@@ -124,6 +124,8 @@ SAMPLE_CASES = [
     ("em-ou-gauss", S.EulerMaruyama(steps=500, denoise=False), OrnsteinUhlenbeck(T=1.0), GAUSS, 0.03),
     ("rd-vp-mix", S.PredictorCorrector(steps=500, corrector_steps=0), VPSDE(T=0.4), MIX, 0.03),
     ("rd-ve-gauss", S.PredictorCorrector(steps=500, corrector_steps=0), VESDE(T=1.0), GAUSS, 0.03),
+    ("pc-vp-mix", S.PredictorCorrector(steps=500, snr=0.16), VPSDE(T=0.4), MIX, 0.03),
+    ("pc-ve-ring", S.PredictorCorrector(steps=500, snr=0.16), VESDE(T=1.0, sigma_max=10.0), RING, 0.03),
     ("heun-subvp-mix", S.HeunODE(steps=100), SubVPSDE(T=0.4), MIX, 0.005),
     ("heun-ve-ring", S.HeunODE(steps=100), VESDE(T=0.4, sigma_max=10.0), RING, 0.005),
     ("ode-vp-ring", S.AdaptiveODE(), VPSDE(T=1.0), RING, 0.005),
@@ -152,7 +154,7 @@ def test_predictor_corrector_in_high_dimension(sde):
     d, n, snr = 64, 2000, 0.16
     data = Gaussian(dim=d, mean=torch.linspace(-1, 1, d).tolist(), std=0.7)
     x, info = S.predictor_corrector(oracle(data, sde), sde, start(data, sde, n), 200,
-                                    torch.Generator().manual_seed(2), snr=snr)
+                                    torch.Generator().manual_seed(2), snr=snr, step_size="per_sample")
     assert torch.isfinite(x).all() and info["nfe"] == 200 * 2 + 1
     mean_err, mean_se, cov_err, cov_se = moment_errors(x, data)
     assert torch.all(mean_err <= 5 * mean_se)
@@ -380,13 +382,14 @@ def test_sampler_classes_call_their_function():
     sde = VPSDE(T=0.4)
     x_T = start(MIX, sde, 20)
     sampler = S.PredictorCorrector(steps=4, snr=0.1, corrector_steps=2, denoise=False)
-    assert repr(sampler) == "PredictorCorrector(steps=4, snr=0.1, corrector_steps=2, denoise=False)"
+    assert repr(sampler) == ("PredictorCorrector(steps=4, snr=0.1, corrector_steps=2, denoise=False, "
+                             "step_size='expected')")
     x, info = sampler(oracle(MIX, sde), sde, x_T, generator=torch.Generator().manual_seed(0))
     y, _ = S.predictor_corrector(oracle(MIX, sde), sde, x_T, 4, torch.Generator().manual_seed(0), snr=0.1,
                                  corrector_steps=2, denoise=False)
     assert torch.equal(x, y)
     assert info == {"sampler": "predictor_corrector", "nfe": 12, "steps": 4, "t_end": sde.eps,
-                    "snr": 0.1, "corrector_steps": 2}
+                    "snr": 0.1, "corrector_steps": 2, "step_size": "expected"}
     _, info = sampler(oracle(MIX, sde), sde, x_T, steps=3)
     assert info["steps"] == 3 and info["nfe"] == 9
     _, info = S.AdaptiveODE(rtol=1e-3, atol=1e-3)(oracle(MIX, sde), sde, x_T, steps=50)
