@@ -38,6 +38,8 @@ class SampleGrid(Callback):
 
     def should_run(self, trainer: Trainer) -> bool:
         step = trainer.global_step
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return False  # a smoke run checks the training loop, not hundreds of sampler steps
         return step > 0 and step % self.every_n_steps == 0 and step != self._last_step
 
     @override
@@ -47,7 +49,7 @@ class SampleGrid(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_step != self._last_step and trainer.global_step > 0:
+        if trainer.global_step != self._last_step and trainer.global_step > 0 and not trainer.fast_dev_run:
             self.log_samples(trainer, pl_module)
 
     @torch.no_grad()
