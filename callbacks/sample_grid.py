@@ -59,13 +59,15 @@ class SampleGrid(Callback):
         sample_fn = lambda k, generator: pl_module.sample(k, generator=generator, steps=self.steps)
         local, info = generate_shard(pl_module, indices, self.seed, self.batch_size, sample_fn)
         samples = gather_samples(trainer, local.float(), self.n)
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank asks
         if trainer.is_global_zero:
-            self._write(trainer, pl_module, samples.cpu(), info)
+            self._write(trainer, pl_module, samples.cpu(), info, Path(log_dir or trainer.default_root_dir))
 
-    def _write(self, trainer: Trainer, pl_module: LightningModule, samples: torch.Tensor, info: dict) -> None:
+    def _write(self, trainer: Trainer, pl_module: LightningModule, samples: torch.Tensor, info: dict,
+               log_dir: Path) -> None:
         step = trainer.global_step
         experiment = getattr(trainer.logger, "experiment", None)
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        out_dir = log_dir / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
         if samples.ndim == 4:
             grid = torchvision.utils.make_grid(pl_module.scaling.to_uint8(samples), nrow=self.nrow or int(self.n**0.5))

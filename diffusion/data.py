@@ -37,8 +37,8 @@ class DataScaling:
     bits: float | None = None
 
     def __call__(self, x: Tensor, generator: Generator = None) -> tuple[Tensor, Tensor]:
-        """``x: [B, *D]`` raw -> (y ``[B, *D]`` fp32, log|dy/dx_c| ``[B]``)."""
-        y = x.float()
+        """``x: [B, *D]`` raw -> (y ``[B, *D]``, at least fp32, log|dy/dx_c| ``[B]``)."""
+        y = x.to(torch.promote_types(x.dtype, torch.float32)) if x.is_floating_point() else x.float()
         return y, torch.zeros(y.shape[0], device=y.device)
 
     def log_det(self, dim: int) -> float:

@@ -1,0 +1,198 @@
+"""Trade-off curves of the diffusion time from one checkpoint (Franzese et al. 2023, Sec. 4).
+
+A score model trained on [eps, T] is evaluated as if the diffusion stopped at each T' of a grid
+(``diffusion.likelihood.truncated_elbo``): the diffusion term integrates [eps, T'] only and the
+prior term compares q(x_T' | x_0) with the Gaussian prior of ``sde.with_T(T')``. In bits/dim, per
+datum (dequantized and scaled as in :mod:`callbacks.bpd`, same per-sample noise):
+
+    prior(T')     = KL(q(x_T' | x_0) || N(0, s_prior^2 I)) / (D ln 2)
+    diffusion(T') = S_[eps, T'] / (D ln 2)
+    bpd(T')       = prior(T') + diffusion(T') - (R + log_det) / (D ln 2)
+
+Averaged over the data, prior(T') is KL(q_T' || nu) + I(x_0; x_T') (the marginal KL gap of the
+paper plus the mutual information between data and x_T'), both decreasing in T'; the diffusion
+term grows with T'. T* = argmin_T' bpd(T') is the best diffusion time the model supports with a
+Gaussian prior. An auxiliary prior (Franzese et al. Sec. 3) exists only at its training T, so with
+one the decomposition at T is also reported with that prior in place of the Gaussian.
+
+Logged scalars (validation loop; T' printed with three decimals):
+
+    kl_gap/prior/T=0.400        prior(T'), bits/dim
+    kl_gap/diffusion/T=0.400    diffusion(T'), bits/dim
+    kl_gap/bpd/T=0.400          bpd(T'), bits/dim
+    kl_gap/T_star, kl_gap/bpd_star
+    kl_gap/aux_prior/T=1.000, kl_gap/aux_bpd/T=1.000     (auxiliary prior only)
+
+plus the figure ``kl_gap/curves`` (TensorBoard) and, written by rank zero,
+``<log_dir>/kl_gap/step=<step>.csv`` (columns T, prior_bpd, prior_se, diffusion_bpd, diffusion_se,
+total_bpd, total_se, prior; the last is ``gaussian`` or ``aux:<class>``) and the same figure as PNG.
+Standard errors are those of the mean over data of one-draw-per-datum estimates, which include the
+Monte-Carlo noise (law of total variance; see :mod:`callbacks.bpd`).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor
+from typing_extensions import override
+
+from callbacks.bpd import DEQUANTIZE, EvalSetCallback, PerSampleMoments, elbo_bits, log_values
+from diffusion.likelihood import ElboTerms, prior_term, truncated_elbo
+from diffusion.priors import GaussianPrior
+from diffusion.utils import ConfigError
+
+COLUMNS = ("T", "prior_bpd", "prior_se", "diffusion_bpd", "diffusion_se", "total_bpd", "total_se", "prior")
+
+
+def t_label(T: float) -> str:
+    return f"T={T:.3f}"
+
+
+class KLGap(EvalSetCallback):
+    """Prior (KL gap), diffusion and total bits/dim against the truncation time T' (module docstring).
+
+    Args:
+        T_grid: truncation times T' (each in (eps, T]); None: ``n_grid`` equally spaced values
+            T/n, 2T/n, ..., T. The model's own T is always added.
+        n_grid: size of the default grid.
+        every_n_validations: during fit, run on every n-th validation loop (``validate`` always).
+        max_samples: the first ``max_samples`` validation data (None: every batch the loop visits).
+        n_t: lambda-strata per piece between consecutive grid points (network evaluations per
+            datum: n_t times the number of grid points).
+        n_prior: prior samples for the Monte-Carlo prior term of an auxiliary prior.
+        seed: seed of the per-sample noise (the same seed as :class:`~callbacks.BitsPerDim`
+            gives the same dequantization).
+        use_ema: evaluate the EMA weights.
+    """
+
+    stages = ("val",)
+    owner = "KLGap"
+
+    def __init__(self, T_grid: list[float] | None = None, n_grid: int = 10, every_n_validations: int = 1,
+                 max_samples: int | None = 500, n_t: int = 4, n_prior: int = 1, seed: int = 0,
+                 use_ema: bool = True) -> None:
+        super().__init__(every_n_validations, max_samples, seed)
+        for key, value in (("n_grid", n_grid), ("n_t", n_t), ("n_prior", n_prior)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ConfigError(key, value, "an integer >= 1", self.owner)
+        if T_grid is not None and (not T_grid or min(T_grid) <= 0):
+            raise ConfigError("T_grid", T_grid, "a non-empty list of positive times, or null", self.owner)
+        self.T_grid, self.n_grid, self.n_t, self.n_prior = T_grid, n_grid, n_t, n_prior
+        self.use_ema = bool(use_ema)
+        self.grid: list[float] = []
+        self.aux = False
+        self.metric = PerSampleMoments(())
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(T_grid=self.T_grid, n_grid=self.n_grid, max_samples=self.max_samples,
+                                        seed=self.seed)
+
+    def make_grid(self, T: float, eps: float) -> list[float]:
+        """Sorted grid with T included; raises ConfigError unless every T' is in (eps, T]."""
+        values = self.T_grid if self.T_grid is not None else [T * (k + 1) / self.n_grid for k in range(self.n_grid)]
+        grid = sorted({float(v) for v in values} | {float(T)})
+        if grid[0] <= eps or grid[-1] > T:
+            raise ConfigError("T_grid", self.T_grid, f"times in (eps, T] = ({eps:g}, {T:g}]", self.owner)
+        if len({t_label(v) for v in grid}) != len(grid):
+            raise ConfigError("T_grid", self.T_grid, "times at least 0.001 apart (they name the logged keys)",
+                              self.owner)
+        return grid
+
+    def start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> bool:
+        if not self.is_due(trainer, self.every_n_validations):
+            return False
+        self.grid = self.make_grid(pl_module.sde.T, pl_module.sde.eps)
+        self.aux = not isinstance(pl_module.prior, GaussianPrior)
+        names = [f"{part}{i}" for i in range(len(self.grid)) for part in ("prior", "diffusion", "total")]
+        self.metric = PerSampleMoments(names + (["aux_prior", "aux_total"] if self.aux else []))
+        self.metric.empty(pl_module.device)
+        return True
+
+    def update(self, trainer: Trainer, pl_module: LightningModule, stage: str, batch: Tensor, ids: Tensor) -> None:
+        keep = self.within(ids, self.max_samples)
+        if not bool(keep.any()):
+            return
+        noise = self.noise(ids[keep], DEQUANTIZE, pl_module.device)
+        y, log_det = pl_module.scaling(batch[keep], noise)
+        dim, sde = y[0].numel(), pl_module.sde
+        results = truncated_elbo(pl_module.score_fn(self.use_ema), sde, y, self.grid, n_t=self.n_t,
+                                 n_prior=self.n_prior, generator=noise)
+        values: dict[str, Tensor] = {}
+        for i, terms in enumerate(results.values()):
+            bits = elbo_bits(terms, log_det, dim)
+            values.update({f"prior{i}": bits["bpd_prior"], f"diffusion{i}": bits["bpd_diffusion"],
+                           f"total{i}": bits["bpd_elbo"]})
+        if self.aux:
+            at_T = results[self.grid[-1]]
+            kl, kl_se = prior_term(sde, pl_module.prior, y, n_prior=self.n_prior, generator=noise)
+            bits = elbo_bits(ElboTerms(kl, at_T.diffusion, at_T.reconstruction, kl_se, at_T.diffusion_se), log_det, dim)
+            values.update(aux_prior=bits["bpd_prior"], aux_total=bits["bpd_elbo"])
+        self.metric.update(values)
+
+    def finish(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        stats = {name: (float(mean), float(se)) for name, (mean, se) in self.metric.compute().items()}
+        rows = [(T, *stats[f"prior{i}"], *stats[f"diffusion{i}"], *stats[f"total{i}"], "gaussian")
+                for i, T in enumerate(self.grid)]
+        values = {}
+        for T, prior, _, diffusion, _, total, _, _ in rows:
+            values.update({f"kl_gap/prior/{t_label(T)}": prior, f"kl_gap/diffusion/{t_label(T)}": diffusion,
+                           f"kl_gap/bpd/{t_label(T)}": total})
+        best = min(rows, key=lambda row: row[5])
+        values.update({"kl_gap/T_star": best[0], "kl_gap/bpd_star": best[5]})
+        if self.aux:
+            T, diffusion = rows[-1][0], rows[-1][3:5]
+            rows.append((T, *stats["aux_prior"], *diffusion, *stats["aux_total"],
+                         f"aux:{type(pl_module.prior).__name__}"))
+            values.update({f"kl_gap/aux_prior/{t_label(T)}": rows[-1][1], f"kl_gap/aux_bpd/{t_label(T)}": rows[-1][5]})
+        log_values(pl_module, values)
+        if trainer.is_global_zero:
+            self._write(trainer, rows, best[0], int(self.metric.count))
+
+    def _write(self, trainer: Trainer, rows: list[tuple], T_star: float, count: int) -> None:
+        step = trainer.global_step
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "kl_gap"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / f"step={step:08d}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(COLUMNS)
+            writer.writerows([*(repr(float(v)) for v in row[:-1]), row[-1]] for row in rows)
+        figure = curves_figure(rows, T_star, count)
+        figure.savefig(out_dir / f"step={step:08d}.png", dpi=100)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_figure"):
+            experiment.add_figure("kl_gap/curves", figure, global_step=step)  # closes the figure
+        else:
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+
+
+def curves_figure(rows: list[tuple], T_star: float, count: int):
+    """Prior, diffusion and total bits/dim against T' with +-2 SE bars; auxiliary-prior points marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gaussian = [row for row in rows if row[-1] == "gaussian"]
+    T = [row[0] for row in gaussian]
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for column, label in ((1, "prior (KL gap)"), (3, "diffusion"), (5, "total")):
+        axis.errorbar(T, [row[column] for row in gaussian], yerr=[2 * row[column + 1] for row in gaussian],
+                      marker="o", ms=3, capsize=2, label=label)
+    for row in rows:
+        if row[-1] != "gaussian":
+            axis.plot([row[0]] * 2, [row[1], row[5]], "k*", ms=8, label=f"{row[-1]} prior / total")
+    axis.axvline(T_star, color="grey", ls="--", lw=1, label=f"T* = {T_star:.3g}")
+    axis.set_xlabel("T'")
+    axis.set_ylabel("bits/dim")
+    axis.set_title(f"Truncated ELBO, {count} samples")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,39 @@
+"""Test-only callbacks that interrupt a run at a chosen point (importable by train.py runs)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+class KillAtStep(Callback):
+    """SIGKILL this process right after optimizer step ``step`` (no cleanup, like a node failure)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAt(Callback):
+    """Send ``signum`` to this process at a training step or during a validation batch."""
+
+    def __init__(self, step: int | None = None, val_batch: int | None = None, signum: str = "SIGUSR1") -> None:
+        self.step, self.val_batch, self.signum = step, val_batch, getattr(signal, signum)
+        self.sent = False
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.step is not None and trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.val_batch is not None and batch_idx == self.val_batch and not self.sent and not trainer.sanity_checking:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
