@@ -37,3 +37,23 @@ class SignalAt(Callback):
         if self.val_batch is not None and batch_idx == self.val_batch and not self.sent and not trainer.sanity_checking:
             self.sent = True
             os.kill(os.getpid(), self.signum)
+
+
+def make_nan_mlp(nan_calls: set[int]):
+    """An MLP whose training forward returns NaN on the chosen calls (1-based)."""
+    from diffusion.networks import MLP
+
+    class NaNMLP(MLP):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.calls, self.nan_calls = 0, set(nan_calls)
+
+        def forward(self, x, t):
+            out = super().forward(x, t)
+            if self.training:
+                self.calls += 1
+                if self.calls in self.nan_calls:
+                    out = out * float("nan")
+            return out
+
+    return NaNMLP

@@ -220,3 +220,164 @@ def test_sigusr1_checkpoints_requeues_once_and_resumes(tmp_path, where):
     assert f"resuming from {Path('runs/digits/run/checkpoints/preempt.ckpt')}" in second.stderr
     assert load(tmp_path / "runs/digits/run/checkpoints/last.ckpt")["global_step"] == 14
     assert log.read_text().count("requeue") == 1
+
+
+# ---------------------------------------------------------------------- checkpoints
+def small_checkpoint(path: Path, step: int) -> None:
+    SafeCheckpointIO().save_checkpoint({"global_step": step, "state_dict": {"w": torch.arange(50000.0) * step}}, path)
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpts" / "step=00000001.ckpt"
+    small_checkpoint(path, 1)
+    before = path.read_bytes()
+
+    def crash(obj, handle, *args, **kwargs):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        SafeCheckpointIO().save_checkpoint({"global_step": 2}, path)
+    assert path.read_bytes() == before  # the previous checkpoint is intact
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp file left
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_checkpoint_is_caught_and_resume_falls_back(tmp_path, damage):
+    good, bad = tmp_path / "step=00000010.ckpt", tmp_path / "step=00000020.ckpt"
+    small_checkpoint(good, 10)
+    small_checkpoint(bad, 20)
+    data = bytearray(bad.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x01  # one bit, inside the tensor data: torch.load would not notice
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=str(bad)):
+        verify_checkpoint(bad)
+    with pytest.raises(CorruptCheckpointError, match=str(bad)):
+        SafeCheckpointIO().load_checkpoint(bad)
+    with pytest.warns(UserWarning, match=str(bad)):
+        assert find_resume_checkpoint(tmp_path) == good
+    assert SafeCheckpointIO().load_checkpoint(good)["global_step"] == 10
+
+
+def test_resume_never_rolls_back_to_an_older_checkpoint(tmp_path):
+    for step in (30, 10, 20):  # written out of order: mtimes say 20 is newest
+        small_checkpoint(tmp_path / f"step={step:08d}.ckpt", step)
+    small_checkpoint(tmp_path / "last.ckpt", 25)  # a stale "last"
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "step=00000030.ckpt"
+
+
+def test_cli_resume_skips_a_corrupted_newest_checkpoint(tmp_path, monkeypatch, capsys):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, TOY, max_steps=4)
+    args = ["fit", "--config", str(config), "--trainer.callbacks.init_args.every_n_train_steps=2",
+            "--trainer.callbacks.init_args.save_top_k=-1"]
+    train.main(args=args)
+    ckpt_dir = tmp_path / "runs/toy/run/checkpoints"
+    newest = ckpt_dir / "step=00000004.ckpt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    (ckpt_dir / "last.ckpt").unlink()
+    with pytest.warns(UserWarning, match="step=00000004.ckpt"):
+        cli = train.main(args=args[:-2] + ["--trainer.max_steps=6"] + args[-2:])
+    assert "step=00000002.ckpt" in capsys.readouterr().err
+    assert cli.trainer.global_step == 6
+
+
+# ---------------------------------------------------------------------- numerical faults
+def toy_system(net, max_steps: int, tmp_path: Path, **module_args):
+    import lightning
+
+    from datamodules import ToyDataModule
+    from diffusion.sde import VPSDE
+    from diffusion.toy import Ring
+    from lightning_modules import ScoreModule
+
+    module = ScoreModule(net, VPSDE(T=0.6), data_shape=(2,), ema_decay=0.9,
+                         optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
+                         lr_scheduler=lambda o: torch.optim.lr_scheduler.LinearLR(o, 0.1, total_iters=50), **module_args)
+    data = ToyDataModule(Ring(n_modes=4), n_train=640, batch_size=64)
+    trainer = lightning.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                                enable_model_summary=False, limit_val_batches=0, use_distributed_sampler=False,
+                                default_root_dir=tmp_path, gradient_clip_val=1.0,
+                                callbacks=[lightning.pytorch.callbacks.ModelCheckpoint(every_n_train_steps=1, save_last=True)])
+    return module, data, trainer
+
+
+def snapshot(module, trainer) -> dict:
+    opt = trainer.optimizers[0]
+    return {"net": {k: v.clone() for k, v in module.net.state_dict().items()},
+            "ema": {k: v.clone() for k, v in module.ema.state_dict().items()},
+            "adam": {id(p): {k: torch.as_tensor(v).clone() for k, v in s.items()} for p, s in opt.state.items()},
+            "lr": [g["lr"] for g in opt.param_groups],
+            "sched": trainer.lr_scheduler_configs[0].scheduler.last_epoch}
+
+
+def assert_snapshots_equal(a: dict, b: dict) -> None:
+    for part in ("net", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert a["adam"].keys() == b["adam"].keys()
+    for p in a["adam"]:
+        assert all(torch.equal(a["adam"][p][k], b["adam"][p][k]) for k in a["adam"][p]), "adam"
+    assert a["lr"] == b["lr"] and a["sched"] == b["sched"]
+
+
+def test_nan_step_is_skipped_with_state_unchanged(tmp_path):
+    import lightning
+
+    from fault_helpers import make_nan_mlp
+
+    class Watch(lightning.Callback):
+        def __init__(self):
+            self.before = self.after = None
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == 3:
+                self.before = snapshot(module, trainer)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if batch_idx == 3:
+                self.after = snapshot(module, trainer)
+
+    net = make_nan_mlp({4})(dim=2, hidden=16, depth=1)
+    module, data, trainer = toy_system(net, 6, tmp_path)
+    watch = Watch()
+    trainer.callbacks.append(watch)
+    trainer.fit(module, data)
+    assert_snapshots_equal(watch.before, watch.after)  # weights, EMA, Adam, LR schedule untouched
+    assert int(module.skipped_steps) == 1 and int(module.batches_seen) == 6
+    assert all(torch.isfinite(p).all() for p in module.net.parameters())
+    assert trainer.callback_metrics["train/skipped_steps"] == 1
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 5  # 6 batches, one step skipped
+
+
+def test_consecutive_faults_stop_cleanly_with_a_finite_checkpoint(tmp_path):
+    from fault_helpers import make_nan_mlp
+
+    net = make_nan_mlp(set(range(3, 100)))(dim=2, hidden=16, depth=1)
+    module, data, trainer = toy_system(net, 50, tmp_path, max_consecutive_skips=4)
+    trainer.fit(module, data)
+    assert trainer.global_step < 10 and int(module.skipped_steps) == 4
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------------- precision
+def test_bf16_mixed_fit_keeps_fp32_weights_and_ema(tmp_path):
+    from diffusion.networks import MLP
+
+    module, data, trainer = toy_system(MLP(dim=2, hidden=32, depth=2), 5, tmp_path)
+    import lightning
+
+    trainer = lightning.Trainer(accelerator="cpu", max_steps=5, precision="bf16-mixed", logger=False,
+                                enable_progress_bar=False, enable_checkpointing=False, limit_val_batches=0,
+                                use_distributed_sampler=False, default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    assert trainer.global_step == 5 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert all(p.dtype == torch.float32 for p in module.net.parameters())
+    assert all(p.dtype == torch.float32 for p in module.ema.parameters())
+    assert int(module.skipped_steps) == 0
