@@ -21,9 +21,10 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from diffusion.data import ContinuousScaling, DataScaling
-from diffusion.utils import ConfigError, ShardedNoise, step_seed
+from diffusion.utils import ConfigError, Generator, PerSampleNoise, ShardedNoise, step_seed
 
 _PLAIN = (type(None), bool, int, float, str)
+_EVAL_STREAM = 2**40  # counter offset that keeps evaluation noise apart from training steps
 
 
 def is_plain(value: Any) -> bool:
@@ -33,6 +34,12 @@ def is_plain(value: Any) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
     return isinstance(value, _PLAIN)
+
+
+def _describe(record: dict[str, Any]) -> str:
+    sde = dict(record["sde"])
+    params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sde.items() if k != "class")
+    return f"{sde['class']}({params}) on data of shape {tuple(record['data_shape'])}"
 
 
 class DiffusionSystem(LightningModule):
@@ -78,11 +85,35 @@ class DiffusionSystem(LightningModule):
         rank = self.global_rank if self._trainer is not None else 0
         return ShardedNoise(generator, local_batch * world, rank * local_batch)
 
+    def eval_noise(self, stage: str, batch_idx: int, batch_size: int) -> Generator:
+        """Per-sample noise seeded by dataset index: metrics do not depend on batch or world size."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "sample_ids"):
+            ids = datamodule.sample_ids(stage, batch_idx).tolist()
+            return PerSampleNoise([step_seed(self.seed, _EVAL_STREAM, i) for i in ids], self.device)
+        seed = step_seed(self.seed, _EVAL_STREAM, batch_idx, self.global_rank)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     def guard_loss(self, loss: Tensor) -> Tensor:
         """Record the step's loss for the finiteness check and advance the step counter."""
         self.batches_seen += 1
         self._last_loss = loss.detach()
         return loss
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["difftime"] = {"sde": self.sde.hparams(), "data_shape": list(self.data_shape)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to resume a run of another SDE, T or data shape (e.g. a reused run folder)."""
+        saved = checkpoint.get("difftime")
+        if saved is None:
+            return
+        current = {"sde": self.sde.hparams(), "data_shape": list(self.data_shape)}
+        if saved["sde"] != current["sde"] or list(saved["data_shape"]) != current["data_shape"]:
+            raise ValueError(f"the checkpoint was trained with {_describe(saved)} but the config gives "
+                             f"{_describe(current)}; resume with the matching config, or start a new run "
+                             "(another --trainer.logger.init_args.version)")
 
     # ------------------------------------------------------------------ guarded steps
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -23,11 +23,8 @@ from diffusion.priors import Prior
 from diffusion.samplers import EulerMaruyama, Sampler
 from diffusion.score import make_score_fn
 from diffusion.sde import SDE, ScoreFn
-from diffusion.utils import ConfigError, Generator, PerSampleNoise, step_seed
+from diffusion.utils import ConfigError, Generator
 from lightning_modules.common import DiffusionSystem
-
-_EVAL_STREAM = 2**40  # counter offset that separates evaluation noise from training steps
-
 
 class ScoreModule(DiffusionSystem):
     """Score model of a diffusion with finite diffusion time ``sde.T``.
@@ -152,15 +149,6 @@ class ScoreModule(DiffusionSystem):
         metric.update(loss)
         self.log(f"{stage}/loss", metric, on_step=False, on_epoch=True)
         return loss.mean()
-
-    def eval_noise(self, stage: str, batch_idx: int, batch_size: int) -> Generator:
-        """Per-sample noise seeded by dataset index: metrics do not depend on batch or world size."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "sample_ids"):
-            ids = datamodule.sample_ids(stage, batch_idx).tolist()
-            return PerSampleNoise([step_seed(self.seed, _EVAL_STREAM, i) for i in ids], self.device)
-        seed = step_seed(self.seed, _EVAL_STREAM, batch_idx, self.global_rank)
-        return torch.Generator(device=self.device).manual_seed(seed)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.net.parameters())

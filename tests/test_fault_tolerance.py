@@ -381,3 +381,14 @@ def test_bf16_mixed_fit_keeps_fp32_weights_and_ema(tmp_path):
     assert all(p.dtype == torch.float32 for p in module.net.parameters())
     assert all(p.dtype == torch.float32 for p in module.ema.parameters())
     assert int(module.skipped_steps) == 0
+
+
+def test_resuming_a_run_with_another_T_is_refused(tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, TOY, max_steps=2)
+    train.main(args=["fit", "--config", str(config)])
+    with pytest.raises(ValueError, match=r"trained with VPSDE\(T=0.6.*config gives VPSDE\(T=0.4"):
+        train.main(args=["fit", "--config", str(config), "--model.init_args.sde.init_args.T=0.4",
+                         "--trainer.max_steps=4"])

@@ -42,6 +42,8 @@ class FlowPrior(nn.Module):
 
     exact: bool = True
     bound_name: str = "exact"
+    # plain constructor arguments of the typed subclasses, so a checkpoint can rebuild the prior
+    init_args: dict | None = None
 
     def __init__(self, event_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -204,6 +206,7 @@ class RealNVPPrior(_VectorFlowPrior):
             flows.append(nf.flows.MaskedAffineFlow(b, t, s))
         super().__init__(dim, flows)
         self.layers, self.hidden = layers, hidden
+        self.init_args = {"dim": int(dim), "layers": int(layers), "hidden": int(hidden)}
 
 
 class NeuralSplinePrior(_VectorFlowPrior):
@@ -230,6 +233,8 @@ class NeuralSplinePrior(_VectorFlowPrior):
             flows.append(nf.flows.LULinearPermute(dim))
         super().__init__(dim, flows)
         self.layers, self.hidden, self.bins, self.tail_bound = layers, hidden, bins, float(tail_bound)
+        self.init_args = {"dim": int(dim), "layers": int(layers), "hidden": int(hidden), "bins": int(bins),
+                          "tail_bound": float(tail_bound)}
 
 
 # ---------------------------------------------------------------------- Glow
@@ -280,6 +285,8 @@ class GlowPrior(FlowPrior):
         self.flow = nf.MultiscaleFlow(bases, flows, merges, class_cond=False)
         self.levels, self.blocks_per_level, self.hidden_channels = levels, blocks_per_level, hidden_channels
         self.split_mode, self.scale = split_mode, scale
+        self.init_args = {"shape": list(shape), "levels": int(levels), "blocks_per_level": int(blocks_per_level),
+                          "hidden_channels": int(hidden_channels), "split_mode": str(split_mode), "scale": bool(scale)}
 
     @staticmethod
     def _check_args(shape, levels: int, blocks: int, hidden: int, split_mode: str) -> tuple[int, int, int]:

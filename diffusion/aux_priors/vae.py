@@ -43,6 +43,8 @@ class GaussianVAE(nn.Module):
     """
 
     exact: bool = False
+    # plain constructor arguments of the typed subclasses, so a checkpoint can rebuild the prior
+    init_args: dict | None = None
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, event_shape: tuple[int, ...],
                  latent_shape: tuple[int, ...], bound: Literal["elbo", "iwae"] = "iwae", k: int = 16) -> None:
@@ -195,6 +197,8 @@ class VAEPrior(GaussianVAE):
         super().__init__(_conv_encoder(c, hidden, latent_channels, downsamples),
                          _conv_decoder(c, hidden, latent_channels, downsamples),
                          (c, h, w), (latent_channels, h // f, w // f), bound, k)
+        self.init_args = {"shape": [c, h, w], "latent_channels": int(latent_channels), "hidden": int(hidden),
+                          "downsamples": int(downsamples), "bound": str(bound), "k": int(k)}
 
 
 class MLPVAEPrior(GaussianVAE):
@@ -207,3 +211,5 @@ class MLPVAEPrior(GaussianVAE):
                 raise ConfigError(key, value, f"{key} >= 1", "MLPVAEPrior")
         super().__init__(_SplitHead(_mlp([dim, hidden, hidden, 2 * latent_dim])),
                          _mlp([latent_dim, hidden, hidden, dim]), (dim,), (latent_dim,), bound, k)
+        self.init_args = {"dim": int(dim), "latent_dim": int(latent_dim), "hidden": int(hidden),
+                          "bound": str(bound), "k": int(k)}

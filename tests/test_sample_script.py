@@ -1,0 +1,170 @@
+"""sample.py: rebuilds a run from the config LightningCLI saved, loads its weights (verified,
+weights only), writes the PNG grid and the .npz, and draws sample i from seed + i, so the
+samples do not depend on the batch size. Also the two-stage recipe end to end: an auxiliary
+prior from configs/aux, then a score model trained and sampled with ``prior: <checkpoint>``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import sample
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+
+TOY = """
+seed_everything: 0
+trainer:
+  max_steps: 20
+  logger:
+    class_path: lightning.pytorch.loggers.TensorBoardLogger
+    init_args: {save_dir: runs, name: toy, version: T0.4}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {save_last: true}
+model:
+  class_path: lightning_modules.ScoreModule
+  init_args:
+    net:
+      class_path: diffusion.networks.MLP
+      init_args: {dim: 2, hidden: 32, depth: 2}
+    sde:
+      class_path: diffusion.sde.VPSDE
+      init_args: {T: 0.4, eps: 1.0e-3}
+    sampler:
+      class_path: diffusion.samplers.EulerMaruyama
+      init_args: {steps: 8}
+    ema_decay: 0.9
+data:
+  class_path: datamodules.ToyDataModule
+  init_args:
+    distribution:
+      class_path: diffusion.toy.Ring
+    n_train: 512
+    n_val: 64
+    n_test: 64
+    batch_size: 64
+"""
+
+DIGITS = """
+seed_everything: 0
+trainer:
+  max_steps: 3
+  logger:
+    class_path: lightning.pytorch.loggers.TensorBoardLogger
+    init_args: {save_dir: runs, name: digits, version: default}
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {save_last: true}
+model:
+  class_path: lightning_modules.ScoreModule
+  init_args:
+    net:
+      class_path: diffusion.networks.UNet
+      init_args: {in_channels: 1, resolution: 8, nf: 8, ch_mult: [1], num_res_blocks: 1,
+                  attn_resolutions: [], dropout: 0.0, num_groups: 4}
+    sde:
+      class_path: diffusion.sde.VPSDE
+      init_args: {T: 1.0, eps: 1.0e-5}
+    sampler:
+      class_path: diffusion.samplers.EulerMaruyama
+      init_args: {steps: 6}
+    ema_decay: 0.5
+data:
+  class_path: datamodules.SklearnDigitsDataModule
+  init_args: {batch_size: 32, eval_batch_size: 64}
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tiny models run much faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three tiny runs made by train.py in a scratch folder: an auxiliary RealNVP prior from
+    configs/aux at T = 0.4, a toy score model using it, and a digits U-Net with the Gaussian prior."""
+    import train
+
+    root, cwd = tmp_path_factory.mktemp("runs"), Path.cwd()
+    try:
+        os.chdir(root)
+        (root / "toy.yaml").write_text(TOY)
+        (root / "digits.yaml").write_text(DIGITS)
+        train.main(["fit", "--config", str(ROOT / "configs/aux/toy_ring_realnvp.yaml"),
+                    "--config", str(ROOT / "configs/T/0.4.yaml"), "--trainer.max_steps", "3",
+                    "--model.init_args.prior.init_args.layers", "2", *FAST])
+        aux = root / "runs/aux_toy_ring_realnvp/T0.4/checkpoints/last.ckpt"
+        train.main(["fit", "--config", "toy.yaml", "--model.init_args.prior", str(aux), *FAST])
+        train.main(["fit", "--config", "digits.yaml", *FAST])
+    finally:
+        os.chdir(cwd)
+    return {"root": root, "aux": aux, "toy": root / "runs/toy/T0.4", "digits": root / "runs/digits/default"}
+
+
+def run_sample(run_dir: Path, out: Path, *args: str) -> tuple[np.ndarray, dict]:
+    summary = sample.main(["--config", str(run_dir / "config.yaml"), "--out", str(out), "--device", "cpu", *args])
+    with np.load(out / "samples.npz") as archive:
+        samples = archive["samples"]
+    assert json.loads((out / "info.json").read_text()) == json.loads(json.dumps(summary))
+    return samples, summary
+
+
+def test_vector_samples_do_not_depend_on_the_batch_size(runs, tmp_path):
+    whole, info = run_sample(runs["toy"], tmp_path / "a", "--n", "10", "--batch_size", "10", "--seed", "3")
+    parts, _ = run_sample(runs["toy"], tmp_path / "b", "--n", "10", "--batch_size", "3", "--seed", "3")
+    head, _ = run_sample(runs["toy"], tmp_path / "c", "--n", "4", "--batch_size", "4", "--seed", "3")
+    other, _ = run_sample(runs["toy"], tmp_path / "d", "--n", "10", "--batch_size", "10", "--seed", "4")
+    assert whole.shape == (10, 2) and whole.dtype == np.float32 and np.isfinite(whole).all()
+    assert np.allclose(whole, parts, atol=1e-5, rtol=0) and np.allclose(whole[:4], head, atol=1e-5, rtol=0)
+    assert not np.allclose(whole, other)
+    assert info["sampler"] == "euler_maruyama" and info["steps"] == 8 and info["nfe"] == 9  # + Tweedie step
+    assert torchvision.io.decode_png(torchvision.io.read_file(str(tmp_path / "a/samples.png"))).shape[0] in (3, 4)
+
+
+def test_run_prior_is_the_default_and_gaussian_overrides_it(runs, tmp_path):
+    """The toy run was trained with the auxiliary prior: sample.py uses it unless told otherwise."""
+    _, learned = run_sample(runs["toy"], tmp_path / "a", "--n", "4", "--steps", "2")
+    _, gaussian = run_sample(runs["toy"], tmp_path / "b", "--n", "4", "--steps", "2", "--prior", "gaussian")
+    _, explicit = run_sample(runs["toy"], tmp_path / "c", "--n", "4", "--sampler", "heun", "--steps", "2",
+                             "--prior", str(runs["aux"]))
+    assert learned["prior"] == explicit["prior"] == f"RealNVPPrior ({runs['aux']})"
+    assert gaussian["prior"] == "gaussian" and learned["T"] == 0.4 and learned["nfe"] == 3
+    assert explicit["sampler"] == "heun_ode" and explicit["nfe"] == 4
+
+
+def test_prior_trained_for_another_T_is_refused(runs, tmp_path):
+    """The digits run has T = 1 and images: the toy prior (T = 0.4, shape (2,)) must not load."""
+    with pytest.raises(ValueError, match="trained for VPSDE\\(T=0.4.*score model uses VPSDE\\(T=1"):
+        run_sample(runs["digits"], tmp_path / "a", "--n", "2", "--prior", str(runs["aux"]))
+
+
+def test_image_grid_and_uint8_array(runs, tmp_path):
+    whole, info = run_sample(runs["digits"], tmp_path / "a", "--n", "6", "--batch_size", "6", "--nrow", "3")
+    parts, _ = run_sample(runs["digits"], tmp_path / "b", "--n", "6", "--batch_size", "4", "--nrow", "3")
+    assert whole.shape == (6, 1, 8, 8) and whole.dtype == np.uint8 and info["prior"] == "gaussian"
+    # same per-sample noise; only float rounding of the batched convolutions may differ
+    assert np.abs(whole.astype(int) - parts.astype(int)).max() <= 16 and (whole != parts).mean() < 0.01
+    grid = torchvision.io.decode_png(torchvision.io.read_file(str(tmp_path / "a/samples.png")))
+    assert tuple(grid.shape) == (3, 2 + 2 * 10, 2 + 3 * 10)  # 2 rows x 3 columns of 8x8 tiles, padding 2
+    tile = grid[0, 2:10, 2:10]  # the first image, grey replicated to RGB by make_grid
+    assert torch.equal(tile, torch.from_numpy(whole[0, 0]))
+
+
+def test_checkpoint_that_does_not_match_the_config_is_refused(runs, tmp_path):
+    with pytest.raises(RuntimeError, match="does not match"):
+        run_sample(runs["digits"], tmp_path / "a", "--n", "2",
+                   "--ckpt_path", str(runs["toy"] / "checkpoints/last.ckpt"))
