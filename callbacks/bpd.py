@@ -62,8 +62,9 @@ _STAGES = {"val": "validate", "test": "test"}
 class PerSampleMoments(Metric):
     """Count, sum and sum of squares of named per-sample values, float64, summed over ranks.
 
-    ``compute()`` returns ``{name: (mean, standard error of the mean)}``; it is a collective
-    (every rank must call it) and exact up to float64 round-off whatever the sharding.
+    ``compute()`` returns ``{"count": N, "mean": {name: mean}, "se": {name: standard error of the
+    mean}}`` over all ranks; it is a collective (every rank must call it) and exact up to float64
+    round-off whatever the sharding. (After ``compute()`` the states hold this rank's share again.)
     """
 
     full_state_update = False
@@ -82,12 +83,12 @@ class PerSampleMoments(Metric):
         self.total += stacked.sum(1).to(self.total.device)
         self.total_sq += (stacked**2).sum(1).to(self.total.device)
 
-    def compute(self) -> dict[str, tuple[Tensor, Tensor]]:
+    def compute(self) -> dict[str, Any]:
         n = self.count
         mean = self.total / n
         var = (self.total_sq - n * mean**2).clamp_min(0) / (n - 1)
         se = torch.sqrt(var / n)
-        return {name: (mean[i], se[i]) for i, name in enumerate(self.names)}
+        return {"count": n.clone(), "mean": dict(zip(self.names, mean)), "se": dict(zip(self.names, se))}
 
     def empty(self, device: torch.device) -> None:
         """Move to ``device``, reset, and record a zero-sample update (a rank may see no data)."""
@@ -353,13 +354,14 @@ class BitsPerDim(EvalSetCallback):
         values: dict[str, float] = {}
         if self._due["elbo"]:
             stats = self.elbo_metric.compute()
-            count = float(self.elbo_metric.count)
+            mean, se, count = stats["mean"], stats["se"], float(stats["count"])
             for name in ("bpd_elbo", "bpd_prior", "bpd_diffusion", "bpd_reconstruction"):
-                values[f"{stage}/{name}"] = float(stats[name][0])
-            values[f"{stage}/bpd_elbo_se"] = float(stats["bpd_elbo"][1])
-            values[f"{stage}/bpd_elbo_mc_se"] = math.sqrt(float(stats["mc_var"][0]) / count) if count else math.nan
+                values[f"{stage}/{name}"] = float(mean[name])
+            values[f"{stage}/bpd_elbo_se"] = float(se["bpd_elbo"])
+            values[f"{stage}/bpd_elbo_mc_se"] = math.sqrt(float(mean["mc_var"]) / count) if count else math.nan
         if self._due["ode"]:
             stats = self.ode_metric.compute()
-            values[f"{stage}/bpd_ode"], values[f"{stage}/bpd_ode_se"] = (float(v) for v in stats["bpd_ode"])
-            values[f"{stage}/bpd_ode_nfe"] = float(stats["nfe"][0])
+            values[f"{stage}/bpd_ode"] = float(stats["mean"]["bpd_ode"])
+            values[f"{stage}/bpd_ode_se"] = float(stats["se"]["bpd_ode"])
+            values[f"{stage}/bpd_ode_nfe"] = float(stats["mean"]["nfe"])
         log_values(pl_module, values)

@@ -136,7 +136,8 @@ class KLGap(EvalSetCallback):
         self.metric.update(values)
 
     def finish(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        stats = {name: (float(mean), float(se)) for name, (mean, se) in self.metric.compute().items()}
+        summary = self.metric.compute()
+        stats = {name: (float(summary["mean"][name]), float(summary["se"][name])) for name in self.metric.names}
         rows = [(T, *stats[f"prior{i}"], *stats[f"diffusion{i}"], *stats[f"total{i}"], "gaussian")
                 for i, T in enumerate(self.grid)]
         values = {}
@@ -151,12 +152,12 @@ class KLGap(EvalSetCallback):
                          f"aux:{type(pl_module.prior).__name__}"))
             values.update({f"kl_gap/aux_prior/{t_label(T)}": rows[-1][1], f"kl_gap/aux_bpd/{t_label(T)}": rows[-1][5]})
         log_values(pl_module, values)
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank asks
         if trainer.is_global_zero:
-            self._write(trainer, rows, best[0], int(self.metric.count))
+            self._write(trainer, Path(log_dir) / "kl_gap", rows, best[0], int(summary["count"]))
 
-    def _write(self, trainer: Trainer, rows: list[tuple], T_star: float, count: int) -> None:
+    def _write(self, trainer: Trainer, out_dir: Path, rows: list[tuple], T_star: float, count: int) -> None:
         step = trainer.global_step
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "kl_gap"
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(out_dir / f"step={step:08d}.csv", "w", newline="") as handle:
             writer = csv.writer(handle)

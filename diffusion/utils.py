@@ -100,26 +100,26 @@ class PerSampleNoise:
         return self._draw(torch.rand, shape, device, dtype)
 
 
+def _draw(kind: str, shape: Sequence[int], generator: Generator, device: torch.device | str,
+          dtype: torch.dtype) -> Tensor:
+    device = torch.device(device)
+    if isinstance(generator, NoiseSource):
+        return getattr(generator, kind)(shape, device, dtype)
+    fn = getattr(torch, kind)
+    where = generator.device if generator is not None else device
+    return fn(shape, generator=generator, device=where, dtype=dtype).to(device)
+
+
 def randn(shape: Sequence[int], generator: Generator = None, device: torch.device | str = "cpu",
           dtype: torch.dtype = torch.float32) -> Tensor:
     """Standard normal noise of ``shape`` from a generator, a per-sample source, or the global RNG."""
-    device = torch.device(device)
-    if isinstance(generator, NoiseSource):
-        return generator.randn(shape, device, dtype)
-    if generator is not None and generator.device != device:
-        return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
-    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    return _draw("randn", shape, generator, device, dtype)
 
 
 def rand(shape: Sequence[int], generator: Generator = None, device: torch.device | str = "cpu",
          dtype: torch.dtype = torch.float32) -> Tensor:
     """Uniform [0, 1) noise of ``shape``; same sources as :func:`randn`."""
-    device = torch.device(device)
-    if isinstance(generator, NoiseSource):
-        return generator.rand(shape, device, dtype)
-    if generator is not None and generator.device != device:
-        return torch.rand(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
-    return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    return _draw("rand", shape, generator, device, dtype)
 
 
 def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
