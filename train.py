@@ -135,11 +135,15 @@ class DifftimeCLI(LightningCLI):
         self._purge_after(config, found)
 
     def _purge_after(self, config: Any, ckpt: Path) -> None:
-        """TensorBoard hides events logged after the checkpoint by the interrupted run."""
+        """TensorBoard hides the events the interrupted run logged after the checkpoint.
+
+        Batch k (0-based) logs its training metrics at step k and the checkpoint taken after it
+        holds global_step k + 1, so everything at steps >= global_step is redone by the resumed run.
+        """
         logger = self._logger_config(config)
         if logger is not None:
             dict_kwargs = logger.get("dict_kwargs") or {}
-            dict_kwargs["purge_step"] = checkpoint_step(ckpt) + 1
+            dict_kwargs["purge_step"] = checkpoint_step(ckpt)
             logger["dict_kwargs"] = dict_kwargs
 
     # ------------------------------------------------------------------ instantiation

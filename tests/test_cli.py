@@ -110,3 +110,24 @@ def test_core_never_imports_lightning():
             "print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_short_quickstart_run_writes_loss_curve_and_sample_image(tmp_path, monkeypatch):
+    """The quickstart config for a few steps: TensorBoard holds train/loss, val/loss and a grid."""
+    import train
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    train.main(args=["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *FAST,
+                     "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "1",
+                     "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                     "--model.init_args.sampler.init_args.steps", "5"])
+    run = tmp_path / "runs/quickstart/default"
+    acc = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [0, 1, 2, 3]  # batch k logs at step k
+    assert {"val/loss", "train/grad_norm", "lr-Adam"} <= set(acc.Tags()["scalars"])
+    image = acc.Images("samples")[-1]
+    assert image.step == 4 and image.width == image.height > 28
+    assert (run / "samples/step=00000004.png").is_file() and (run / "config.yaml").is_file()
+    assert (run / "checkpoints/last.ckpt").is_file()

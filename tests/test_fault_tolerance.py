@@ -152,16 +152,17 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 
 # ---------------------------------------------------------------------- exact resume
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_step", [random.Random(7).randint(23, 28), 21],
+@pytest.mark.parametrize("ckpt_every, kill_step, max_steps", [(4, random.Random(7).randint(26, 31), 32), (7, 23, 28)],
                          ids=["mid-epoch-random", "epoch-boundary"])
-def test_sigkill_then_resume_is_bit_identical(tmp_path, kill_step):
+def test_sigkill_then_resume_is_bit_identical(tmp_path, ckpt_every, kill_step, max_steps):
     """A run SIGKILLed at a step and resumed from its last checkpoint equals an uninterrupted run.
 
-    Checkpoints every 4 steps; an epoch is 21 steps, so the resumed run restarts mid-epoch (random
-    kill step in 23..28 resumes from step 24 or 20) or exactly at the epoch boundary (step 21
-    killed after the checkpoint at 20... the resume crosses the boundary).
+    An epoch is 21 steps (1397 digits, batch 64). With checkpoints every 4 steps, a kill at a
+    random step in 26..31 resumes mid-epoch from step 24 or 28; with checkpoints every 7 steps,
+    a kill at step 23 resumes from step 21, exactly at the epoch boundary. The kill callback runs
+    before the checkpoint of its own step is written.
     """
-    config = write_config(tmp_path, DIGITS, max_steps=32, val_every=10, ckpt_every=4)
+    config = write_config(tmp_path, DIGITS, max_steps=max_steps, val_every=10, ckpt_every=ckpt_every)
     full, broken = tmp_path / "full", tmp_path / "broken"
     full.mkdir(), broken.mkdir()
     train(full, "--config", str(config))
@@ -170,22 +171,29 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, kill_step):
     assert killed.returncode == -9  # SIGKILL: no cleanup, no final checkpoint
     resumed = train(broken, "--config", str(config))
     assert "resuming from" in resumed.stderr
+    resumed_at = ckpt_every * ((kill_step - 1) // ckpt_every)
     a = load(full / "runs/digits/run/checkpoints/last.ckpt")
     b = load(broken / "runs/digits/run/checkpoints/last.ckpt")
-    assert a["global_step"] == b["global_step"] == 32
+    assert a["global_step"] == b["global_step"] == max_steps
     assert_same_state(a, b)  # bit-identical: weights, EMA, counters, Adam moments
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"]
-    assert_no_duplicate_steps(broken / "runs/digits/run", "train/loss", expected=32)
+    assert_no_duplicate_steps(broken / "runs/digits/run", "train/loss", expected=max_steps, resumed_at=resumed_at)
 
 
-def assert_no_duplicate_steps(run_dir: Path, tag: str, expected: int) -> None:
+def assert_no_duplicate_steps(run_dir: Path, tag: str, expected: int, resumed_at: int) -> None:
+    """The resumed run's event file starts by purging steps >= the checkpoint's step, and what
+    TensorBoard shows is each step once."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+    files = sorted(run_dir.glob("events.out.tfevents.*"))
+    assert len(files) == 2
+    starts = [e.step for e in EventFileLoader(str(files[1])).Load() if e.HasField("session_log")]
+    assert starts[:1] == [resumed_at]  # SessionLog.START at purge_step
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     steps = [event.step for event in acc.Scalars(tag)]
-    assert len(steps) == len(set(steps)), "a step is shown twice after the resume"
-    assert sorted(steps) == list(range(1, expected + 1)) or len(steps) == expected
+    assert steps == list(range(expected)), "a step is missing or shown twice after the resume"
 
 
 # ---------------------------------------------------------------------- preemption
