@@ -7,4 +7,13 @@ from callbacks.kl_gap import KLGap
 from callbacks.preemption import Preempted, Preemption
 from callbacks.sample_grid import SampleGrid
 
-__all__ = ["BitsPerDim", "CorruptCheckpointError", "FID", "KLGap", "Preempted", "Preemption", "SafeCheckpointIO", "SampleGrid"]
+__all__ = [
+    "BitsPerDim",
+    "CorruptCheckpointError",
+    "FID",
+    "KLGap",
+    "Preempted",
+    "Preemption",
+    "SafeCheckpointIO",
+    "SampleGrid",
+]

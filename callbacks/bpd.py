@@ -56,7 +56,6 @@ from diffusion.utils import ConfigError, PerSampleNoise, step_seed
 
 _METRIC_STREAM = 2**41  # counter tag of metric noise, apart from training steps and the module's own
 DEQUANTIZE, ODE_PROBES = 0, 1  # sub-streams: dequantization then the ELBO draws; Hutchinson probes
-_STAGES = {"val": "validate", "test": "test"}
 
 
 class PerSampleMoments(Metric):
@@ -260,8 +259,8 @@ def elbo_bits(terms: ElboTerms, log_det: Tensor, dim: int) -> dict[str, Tensor]:
 class BitsPerDim(EvalSetCallback):
     """ELBO and probability-flow bits/dim of the validation (during fit and ``validate``) and test sets.
 
-    Logs ``<stage>/bpd_elbo``, ``bpd_elbo_se``, ``bpd_elbo_mc_se``, ``bpd_prior``,
-    ``bpd_diffusion``, ``bpd_reconstruction`` and, when the ODE is due, ``bpd_ode``,
+    Logs ``<stage>/bpd_elbo``, ``bpd_elbo_se``, ``bpd_elbo_mc_se``, ``bpd_prior``, ``bpd_prior_se``,
+    ``bpd_diffusion``, ``bpd_diffusion_se``, ``bpd_reconstruction`` and, when the ODE is due, ``bpd_ode``,
     ``bpd_ode_se``, ``bpd_ode_nfe`` (network evaluations per image, each with one
     vector-Jacobian product), with ``<stage>`` = ``val`` or ``test``; definitions and standard
     errors in the module docstring. Every rank must run it (metric reduction is a collective).
@@ -276,7 +275,8 @@ class BitsPerDim(EvalSetCallback):
         ode: also evaluate the probability-flow ODE likelihood.
         ode_every_n_validations: during fit, the ODE runs on every n-th validation loop.
         ode_max_samples: the ODE uses the first ``ode_max_samples`` data (None: as the ELBO).
-        ode_rtol, ode_atol, ode_method: ``torchdiffeq`` adaptive solver settings.
+        ode_rtol, ode_atol, ode_method: ``torchdiffeq.odeint`` settings; use an adaptive method
+            (fixed-grid methods such as ``euler`` take one step from eps to T here).
         ode_probes: Hutchinson probes (independent solves) per datum.
         seed: seed of the per-sample evaluation noise.
         use_ema: evaluate the EMA weights (True) or the raw training weights.
@@ -296,7 +296,8 @@ class BitsPerDim(EvalSetCallback):
         check_limit("ode_max_samples", ode_max_samples, self.owner)
         if not (ode_rtol > 0 and ode_atol > 0):
             raise ConfigError("ode_rtol", (ode_rtol, ode_atol), "ode_rtol > 0 and ode_atol > 0", self.owner)
-        self.n_t, self.n_prior, self.ode, self.ode_every_n_validations = n_t, n_prior, bool(ode), ode_every_n_validations
+        self.n_t, self.n_prior, self.ode = n_t, n_prior, bool(ode)
+        self.ode_every_n_validations = ode_every_n_validations
         self.ode_max_samples, self.ode_probes = ode_max_samples, ode_probes
         self.ode_solver = {"rtol": float(ode_rtol), "atol": float(ode_atol), "method": ode_method}
         self.use_ema = bool(use_ema)
@@ -357,7 +358,8 @@ class BitsPerDim(EvalSetCallback):
             mean, se, count = stats["mean"], stats["se"], float(stats["count"])
             for name in ("bpd_elbo", "bpd_prior", "bpd_diffusion", "bpd_reconstruction"):
                 values[f"{stage}/{name}"] = float(mean[name])
-            values[f"{stage}/bpd_elbo_se"] = float(se["bpd_elbo"])
+            for name in ("bpd_elbo", "bpd_prior", "bpd_diffusion"):
+                values[f"{stage}/{name}_se"] = float(se[name])
             values[f"{stage}/bpd_elbo_mc_se"] = math.sqrt(float(mean["mc_var"]) / count) if count else math.nan
         if self._due["ode"]:
             stats = self.ode_metric.compute()

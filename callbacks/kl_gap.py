@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -45,7 +46,19 @@ from diffusion.likelihood import ElboTerms, prior_term, truncated_elbo
 from diffusion.priors import GaussianPrior
 from diffusion.utils import ConfigError
 
-COLUMNS = ("T", "prior_bpd", "prior_se", "diffusion_bpd", "diffusion_se", "total_bpd", "total_se", "prior")
+
+
+class Row(NamedTuple):
+    """One point of the curves (a CSV row): means and standard errors in bits/dim."""
+
+    T: float
+    prior_bpd: float
+    prior_se: float
+    diffusion_bpd: float
+    diffusion_se: float
+    total_bpd: float
+    total_se: float
+    prior: str  # "gaussian" or "aux:<class>"
 
 
 def t_label(T: float) -> str:
@@ -137,32 +150,33 @@ class KLGap(EvalSetCallback):
 
     def finish(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         summary = self.metric.compute()
-        stats = {name: (float(summary["mean"][name]), float(summary["se"][name])) for name in self.metric.names}
-        rows = [(T, *stats[f"prior{i}"], *stats[f"diffusion{i}"], *stats[f"total{i}"], "gaussian")
-                for i, T in enumerate(self.grid)]
-        values = {}
-        for T, prior, _, diffusion, _, total, _, _ in rows:
-            values.update({f"kl_gap/prior/{t_label(T)}": prior, f"kl_gap/diffusion/{t_label(T)}": diffusion,
-                           f"kl_gap/bpd/{t_label(T)}": total})
-        best = min(rows, key=lambda row: row[5])
-        values.update({"kl_gap/T_star": best[0], "kl_gap/bpd_star": best[5]})
-        if self.aux:
-            T, diffusion = rows[-1][0], rows[-1][3:5]
-            rows.append((T, *stats["aux_prior"], *diffusion, *stats["aux_total"],
-                         f"aux:{type(pl_module.prior).__name__}"))
-            values.update({f"kl_gap/aux_prior/{t_label(T)}": rows[-1][1], f"kl_gap/aux_bpd/{t_label(T)}": rows[-1][5]})
-        log_values(pl_module, values)
+        rows = self.rows(summary, type(pl_module.prior).__name__)
+        best = min((row for row in rows if row.prior == "gaussian"), key=lambda row: row.total_bpd)
+        log_values(pl_module, {**curve_keys(rows), "kl_gap/T_star": best.T, "kl_gap/bpd_star": best.total_bpd})
         log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank asks
         if trainer.is_global_zero:
-            self._write(trainer, Path(log_dir) / "kl_gap", rows, best[0], int(summary["count"]))
+            self._write(trainer, Path(log_dir) / "kl_gap", rows, best.T, int(summary["count"]))
 
-    def _write(self, trainer: Trainer, out_dir: Path, rows: list[tuple], T_star: float, count: int) -> None:
+    def rows(self, summary: dict, prior_name: str) -> list[Row]:
+        """One row per T' with the Gaussian prior, plus the auxiliary prior's row at T."""
+        def stat(name: str) -> tuple[float, float]:
+            return float(summary["mean"][name]), float(summary["se"][name])
+
+        rows = [Row(T, *stat(f"prior{i}"), *stat(f"diffusion{i}"), *stat(f"total{i}"), "gaussian")
+                for i, T in enumerate(self.grid)]
+        if self.aux:
+            at_T = rows[-1]
+            rows.append(Row(at_T.T, *stat("aux_prior"), at_T.diffusion_bpd, at_T.diffusion_se, *stat("aux_total"),
+                            f"aux:{prior_name}"))
+        return rows
+
+    def _write(self, trainer: Trainer, out_dir: Path, rows: list[Row], T_star: float, count: int) -> None:
         step = trainer.global_step
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(out_dir / f"step={step:08d}.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(COLUMNS)
-            writer.writerows([*(repr(float(v)) for v in row[:-1]), row[-1]] for row in rows)
+            writer.writerow(Row._fields)
+            writer.writerows([*(repr(float(v)) for v in row[:-1]), row.prior] for row in rows)
         figure = curves_figure(rows, T_star, count)
         figure.savefig(out_dir / f"step={step:08d}.png", dpi=100)
         experiment = getattr(trainer.logger, "experiment", None)
@@ -174,22 +188,36 @@ class KLGap(EvalSetCallback):
             plt.close(figure)
 
 
-def curves_figure(rows: list[tuple], T_star: float, count: int):
+def curve_keys(rows: list[Row]) -> dict[str, float]:
+    """Logged scalars of the rows (module docstring)."""
+    values = {}
+    for row in rows:
+        label = t_label(row.T)
+        if row.prior == "gaussian":
+            values.update({f"kl_gap/prior/{label}": row.prior_bpd, f"kl_gap/diffusion/{label}": row.diffusion_bpd,
+                           f"kl_gap/bpd/{label}": row.total_bpd})
+        else:
+            values.update({f"kl_gap/aux_prior/{label}": row.prior_bpd, f"kl_gap/aux_bpd/{label}": row.total_bpd})
+    return values
+
+
+def curves_figure(rows: list[Row], T_star: float, count: int):
     """Prior, diffusion and total bits/dim against T' with +-2 SE bars; auxiliary-prior points marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gaussian = [row for row in rows if row[-1] == "gaussian"]
-    T = [row[0] for row in gaussian]
+    gaussian = [row for row in rows if row.prior == "gaussian"]
+    T = [row.T for row in gaussian]
     figure, axis = plt.subplots(figsize=(5, 3.5))
-    for column, label in ((1, "prior (KL gap)"), (3, "diffusion"), (5, "total")):
-        axis.errorbar(T, [row[column] for row in gaussian], yerr=[2 * row[column + 1] for row in gaussian],
-                      marker="o", ms=3, capsize=2, label=label)
+    for name, label in (("prior", "prior (KL gap)"), ("diffusion", "diffusion"), ("total", "total")):
+        means = [getattr(row, f"{name}_bpd") for row in gaussian]
+        bars = [2 * getattr(row, f"{name}_se") for row in gaussian]
+        axis.errorbar(T, means, yerr=bars, marker="o", ms=3, capsize=2, label=label)
     for row in rows:
-        if row[-1] != "gaussian":
-            axis.plot([row[0]] * 2, [row[1], row[5]], "k*", ms=8, label=f"{row[-1]} prior / total")
+        if row.prior != "gaussian":
+            axis.plot([row.T] * 2, [row.prior_bpd, row.total_bpd], "k*", ms=8, label=f"{row.prior} prior / total")
     axis.axvline(T_star, color="grey", ls="--", lw=1, label=f"T* = {T_star:.3g}")
     axis.set_xlabel("T'")
     axis.set_ylabel("bits/dim")
