@@ -152,13 +152,15 @@ def write_outputs(samples: Tensor, scaling: Any, out: Path, nrow: int | None) ->
     """``samples.npz`` and ``samples.png`` in ``out``; returns their paths."""
     import torchvision
 
+    from callbacks.sample_grid import save_png
+
     out.mkdir(parents=True, exist_ok=True)
     paths = {"npz": str(out / "samples.npz"), "png": str(out / "samples.png")}
     if samples.ndim == 4:
         images = scaling.to_uint8(samples)  # clamps to [-1, 1] and rounds: never wraps around
         np.savez_compressed(paths["npz"], samples=images.numpy())
         grid = torchvision.utils.make_grid(images, nrow=nrow or max(1, int(math.sqrt(len(images)))))
-        torchvision.io.write_png(grid, paths["png"])
+        save_png(grid, paths["png"])
     else:
         np.savez_compressed(paths["npz"], samples=samples.numpy().astype(np.float32))
         _scatter(samples.flatten(1), paths["png"])

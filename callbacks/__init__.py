@@ -1,4 +1,5 @@
-"""Lightning callbacks: sample grids, preemption, checkpoint IO (and metrics)."""
+"""Lightning callbacks: metrics (bits/dim, KL gap over T, FID), sample grids and writers,
+preemption, checkpoint IO."""
 
 from callbacks.bpd import BitsPerDim
 from callbacks.checkpoint_io import CorruptCheckpointError, SafeCheckpointIO
@@ -6,6 +7,7 @@ from callbacks.fid import FID
 from callbacks.kl_gap import KLGap
 from callbacks.preemption import Preempted, Preemption
 from callbacks.sample_grid import SampleGrid
+from callbacks.sample_writer import SampleWriter
 
 __all__ = [
     "BitsPerDim",
@@ -16,4 +18,5 @@ __all__ = [
     "Preemption",
     "SafeCheckpointIO",
     "SampleGrid",
+    "SampleWriter",
 ]

@@ -71,7 +71,7 @@ class SampleGrid(Callback):
         out_dir.mkdir(parents=True, exist_ok=True)
         if samples.ndim == 4:
             grid = torchvision.utils.make_grid(pl_module.scaling.to_uint8(samples), nrow=self.nrow or int(self.n**0.5))
-            torchvision.io.write_png(grid, str(out_dir / f"step={step:08d}.png"))
+            save_png(grid, out_dir / f"step={step:08d}.png")
             if hasattr(experiment, "add_image"):
                 experiment.add_image("samples", grid, global_step=step)
         else:
@@ -81,6 +81,14 @@ class SampleGrid(Callback):
                 experiment.add_figure("samples", figure, global_step=step)
         if hasattr(experiment, "add_scalar"):
             experiment.add_scalar("samples/nfe", float(info.get("nfe", 0)), global_step=step)
+
+
+def save_png(grid: torch.Tensor, path: str | Path) -> None:
+    """Write a uint8 image grid ``[C, H, W]`` as PNG (Pillow; torchvision.io's encoders are deprecated)."""
+    from PIL import Image
+
+    array = grid.cpu().permute(1, 2, 0).numpy()
+    Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(path)
 
 
 def _scatter(points: torch.Tensor, info: dict):

@@ -90,7 +90,7 @@ class DiffusionDataModule(LightningDataModule):
     scaling: DataScaling
 
     def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0,
-                 seed: int = 0, pin_memory: bool = False) -> None:
+                 seed: int = 0, pin_memory: bool = False, num_predict: int = 64) -> None:
         super().__init__()
         owner = type(self).__name__
         if batch_size < 1:
@@ -99,6 +99,9 @@ class DiffusionDataModule(LightningDataModule):
             raise ConfigError("eval_batch_size", eval_batch_size, "an integer >= 1 or null", owner)
         if num_workers < 0:
             raise ConfigError("num_workers", num_workers, "an integer >= 0", owner)
+        if num_predict < 1:
+            raise ConfigError("num_predict", num_predict, "an integer >= 1", owner)
+        self.num_predict = int(num_predict)
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else self.batch_size
         self.num_workers, self.seed, self.pin_memory = int(num_workers), int(seed), bool(pin_memory)
@@ -175,6 +178,17 @@ class DiffusionDataModule(LightningDataModule):
         if self.test_set is None:
             self.setup("test")
         return self._eval_loader("test", self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Sample indices ``0 .. num_predict - 1`` for ``train.py predict``, sharded without duplicates.
+
+        The module generates sample i from seed ``seed + i``, so the samples do not depend on the
+        batch size or on the number of ranks.
+        """
+        world_size, rank = self.world()
+        sampler = EvalShardSampler(self.num_predict, world_size, rank)
+        indices = InMemoryDataset(torch.arange(self.num_predict))
+        return self._loader(DataLoader, indices, sampler, self.eval_batch_size // world_size, persistent=False)
 
     def sample_ids(self, stage: str, batch_idx: int) -> Tensor:
         """Dataset indices ``[B]`` of this rank's ``batch_idx``-th ``stage`` ("val"/"test") batch.

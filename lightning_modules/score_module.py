@@ -18,13 +18,15 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from diffusion.data import ImageScaling
 from diffusion.losses import DSMLoss
 from diffusion.priors import Prior
 from diffusion.samplers import EulerMaruyama, Sampler
 from diffusion.score import make_score_fn
 from diffusion.sde import SDE, ScoreFn
-from diffusion.utils import ConfigError, Generator
+from diffusion.utils import ConfigError, Generator, PerSampleNoise
 from lightning_modules.common import DiffusionSystem
+
 
 class ScoreModule(DiffusionSystem):
     """Score model of a diffusion with finite diffusion time ``sde.T``.
@@ -149,6 +151,17 @@ class ScoreModule(DiffusionSystem):
         metric.update(loss)
         self.log(f"{stage}/loss", metric, on_step=False, on_epoch=True)
         return loss.mean()
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
+        """``train.py predict``: samples for the indices in ``batch``, sample i from seed ``seed + i``.
+
+        Images come back as uint8 (clamped and rounded), vector data in model space.
+        """
+        noise = PerSampleNoise([self.seed + int(i) for i in batch], self.device)
+        samples, _ = self.sample(batch.shape[0], generator=noise)
+        if isinstance(self.scaling, ImageScaling):
+            samples = self.scaling.to_uint8(samples)
+        return {"index": batch, "samples": samples}
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.net.parameters())
