@@ -400,3 +400,42 @@ def test_resuming_a_run_with_another_T_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"trained with VPSDE\(T=0.6.*config gives VPSDE\(T=0.4"):
         train.main(args=["fit", "--config", str(config), "--model.init_args.sde.init_args.T=0.4",
                          "--trainer.max_steps=4"])
+
+
+def test_fp16_overflow_steps_are_left_to_the_grad_scaler(tmp_path):
+    """16-mixed: overflowing steps while the scale calibrates are skipped by the scaler, not faults."""
+    import lightning
+
+    from diffusion.networks import MLP
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module, data, _ = toy_system(MLP(dim=2, hidden=32, depth=2), 6, tmp_path)
+    # Lightning maps 16-mixed on CPU to bf16; build the fp16 plugin and its scaler explicitly
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # overflows until it backs off
+    trainer = lightning.Trainer(accelerator="cpu", max_steps=6, logger=False, plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
+                                enable_progress_bar=False, enable_checkpointing=False, limit_val_batches=0,
+                                use_distributed_sampler=False, default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    assert trainer.precision_plugin.scaler.get_scale() < 2.0**127  # the scaler backed off
+    assert int(module.skipped_steps) == 0 and trainer.global_step == 6
+    assert all(torch.isfinite(p).all() for p in module.net.parameters())
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({"SLURM_JOB_ID": "123"}, "123"),
+    ({"SLURM_JOB_ID": "123", "SLURM_ARRAY_JOB_ID": "120", "SLURM_ARRAY_TASK_ID": "3"}, "120_3"),
+    ({}, None),
+])
+def test_slurm_job_id(environ, expected):
+    from callbacks.preemption import slurm_job_id
+
+    assert slurm_job_id(environ) == expected
+
+
+@pytest.mark.parametrize("bad", ["123; rm -rf /", "12 3", "abc", "123_", "-1"])
+def test_malformed_job_ids_are_never_passed_to_scontrol(bad):
+    from callbacks.preemption import slurm_job_id
+
+    with pytest.raises(ValueError, match="malformed"):
+        slurm_job_id({"SLURM_JOB_ID": bad})
