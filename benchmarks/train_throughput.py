@@ -38,8 +38,8 @@ from diffusion.sde import VPSDE  # noqa: E402
 from lightning_modules import ScoreModule  # noqa: E402
 
 NETS = {
-    "quickstart": dict(in_channels=1, resolution=28, nf=16, ch_mult=(1, 2, 2), num_res_blocks=1,
-                       attn_resolutions=(7,), dropout=0.0, num_groups=8),
+    "quickstart": dict(in_channels=1, resolution=28, nf=16, ch_mult=(1, 2, 4), num_res_blocks=1,
+                       attn_resolutions=(), dropout=0.0, num_groups=8),  # configs/quickstart.yaml
     "cifar10": dict(),  # the UNet defaults are the DDPM++ CIFAR-10 configuration
 }
 
