@@ -275,7 +275,7 @@ def test_step_interval_logs_and_checkpoint_holds_no_extractor(tmp_path: Path) ->
     # Nothing of the extractor in the checkpoint, and no callback state.
     assert callback.state_dict() == {} and callback.metric is not None
     (path,) = (tmp_path / "csv" / "version_0" / "checkpoints").glob("*.ckpt")
-    checkpoint = torch.load(path, weights_only=False)
+    checkpoint = torch.load(path, weights_only=True)
     assert list(checkpoint["state_dict"]) == ["weight"]
     assert not any("FID" in key for key in checkpoint.get("callbacks", {}))
     assert path.stat().st_size < 50_000
