@@ -10,7 +10,7 @@ used). ``--prior`` chooses the distribution at T: ``gaussian`` (the SDE's prior)
 an AuxPriorModule checkpoint (Franzese et al. 2023, Sec. 3); by default the run's own prior.
 
 Sample i draws all its noise (prior draw and sampler noise) from a CPU generator seeded
-``seed + i`` (:class:`diffusion.utils.PerSampleNoise`), so the same seed gives the same samples
+``seed + i`` (:class:`difftime.utils.PerSampleNoise`), so the same seed gives the same samples
 whatever ``--batch_size`` or device, up to floating-point rounding of the network. The adaptive
 ODE solver is the exception: its step sizes are chosen for a whole batch.
 
@@ -34,8 +34,8 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from diffusion.samplers import AdaptiveODE, EulerMaruyama, HeunODE, PredictorCorrector, Sampler
-from diffusion.utils import PerSampleNoise
+from difftime.samplers import AdaptiveODE, EulerMaruyama, HeunODE, PredictorCorrector, Sampler
+from difftime.utils import PerSampleNoise
 
 SAMPLERS: dict[str, type[Sampler]] = {
     "euler_maruyama": EulerMaruyama,
@@ -207,5 +207,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+def cli_main() -> None:
+    """``python sample.py ...`` and the ``difftime-sample`` console entry point."""
+    from configs import resolve_config_args
+
+    main(resolve_config_args(sys.argv[1:]))
+
+
 if __name__ == "__main__":
-    main()
+    cli_main()

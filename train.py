@@ -32,7 +32,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from callbacks.checkpoint_io import CorruptCheckpointError, SafeCheckpointIO, checkpoint_step, find_resume_checkpoint, verify_checkpoint
 from callbacks.preemption import Preempted, Preemption
-from diffusion.utils import ConfigError
+from difftime.utils import ConfigError
 
 
 def _find_key(config: Any, error: ConfigError, path: str = "") -> str | None:
@@ -180,9 +180,17 @@ def main(args: list[str] | None = None, run: bool = True) -> DifftimeCLI:
     )
 
 
-if __name__ == "__main__":
+def cli_main() -> None:
+    """``python train.py ...`` and the ``difftime-train`` console entry point."""
+    from configs import resolve_config_args
+
     try:
+        sys.argv[1:] = resolve_config_args(sys.argv[1:])
         main()
     except Preempted as stop:
         print(f"train.py: {stop}; exiting cleanly", file=sys.stderr)
         raise SystemExit(0)
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,9 +1,9 @@
 """Cost of each metric on a trained run (by default the quickstart model): seconds and NFE per image.
 
-* ELBO bits/dim (``diffusion.likelihood.elbo``, what ``callbacks.BitsPerDim`` computes): time and
+* ELBO bits/dim (``difftime.likelihood.elbo``, what ``callbacks.BitsPerDim`` computes): time and
   NFE per image at several ``n_t``, the spread of the per-image estimates, and from it the number
   of images, seconds and NFE needed for a standard error of 0.01 bits/dim on the test set mean.
-* ODE bits/dim (``diffusion.likelihood.ode_log_likelihood``, dopri5, one Hutchinson probe):
+* ODE bits/dim (``difftime.likelihood.ode_log_likelihood``, dopri5, one Hutchinson probe):
   NFE and seconds per image at two tolerances. Each NFE is a forward pass plus a vector-Jacobian
   product.
 * FID per 1,000 samples: generation with the run's sampler (NFE per sample and seconds) and
@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from callbacks.fid import RandomConvFeatures  # noqa: E402
-from diffusion.data import bits_per_dim  # noqa: E402
-from diffusion.likelihood import elbo, ode_log_likelihood  # noqa: E402
-from diffusion.utils import PerSampleNoise  # noqa: E402
+from difftime.data import bits_per_dim  # noqa: E402
+from difftime.likelihood import elbo, ode_log_likelihood  # noqa: E402
+from difftime.utils import PerSampleNoise  # noqa: E402
 from sample import build, load_weights  # noqa: E402
 
 TARGET_SE = 0.01  # bits/dim

@@ -100,13 +100,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning  # noqa: E402
 
 from datamodules.toy import ToyDataModule  # noqa: E402
-from diffusion.aux_priors import NeuralSplinePrior, RealNVPPrior  # noqa: E402
-from diffusion.losses import DSMLoss  # noqa: E402
-from diffusion.networks import MLP  # noqa: E402
-from diffusion.samplers import euler_maruyama, heun_ode  # noqa: E402
-from diffusion.sde import SDE, VPSDE, ScoreFn  # noqa: E402
-from diffusion.toy import GaussianMixture, Grid, RandomMixture, Ring  # noqa: E402
-from diffusion.utils import step_seed  # noqa: E402
+from difftime.aux_priors import NeuralSplinePrior, RealNVPPrior  # noqa: E402
+from difftime.losses import DSMLoss  # noqa: E402
+from difftime.networks import MLP  # noqa: E402
+from difftime.samplers import euler_maruyama, heun_ode  # noqa: E402
+from difftime.sde import SDE, VPSDE, ScoreFn  # noqa: E402
+from difftime.toy import GaussianMixture, Grid, RandomMixture, Ring  # noqa: E402
+from difftime.utils import step_seed  # noqa: E402
 from lightning_modules import AuxPriorModule, ScoreModule  # noqa: E402
 
 MODES: dict[str, dict] = {

@@ -31,10 +31,10 @@ import lightning  # noqa: E402
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E402
 
 from datamodules.base import DiffusionDataModule, InMemoryDataset  # noqa: E402
-from diffusion.data import ImageScaling  # noqa: E402
-from diffusion.losses import DSMLoss  # noqa: E402
-from diffusion.networks import UNet  # noqa: E402
-from diffusion.sde import VPSDE  # noqa: E402
+from difftime.data import ImageScaling  # noqa: E402
+from difftime.losses import DSMLoss  # noqa: E402
+from difftime.networks import UNet  # noqa: E402
+from difftime.sde import VPSDE  # noqa: E402
 from lightning_modules import ScoreModule  # noqa: E402
 
 NETS = {

@@ -1,10 +1,10 @@
 """Bits per dimension of the validation and test sets: variational bound and probability-flow ODE.
 
 Per datum x (raw integers, or continuous toy vectors) the callback dequantizes and scales with the
-module's own data scaling, y = 2 (x + u) / L - 1 with log_det = D log(2 / L) (``diffusion.data``),
+module's own data scaling, y = 2 (x + u) / L - 1 with log_det = D log(2 / L) (``difftime.data``),
 and evaluates the score model (EMA weights) with the module's prior at T, Gaussian or auxiliary:
 
-    ELBO (Kingma et al. 2021 Eq. 17; Song et al. 2021b Thm. 1; ``diffusion.likelihood.elbo``)
+    ELBO (Kingma et al. 2021 Eq. 17; Song et al. 2021b Thm. 1; ``difftime.likelihood.elbo``)
         bpd_elbo           = -(R - P - S + log_det) / (D ln 2)
         bpd_prior          =  P / (D ln 2)                    KL(q(x_T | y) || nu), a cost
         bpd_diffusion      =  S / (D ln 2)                    score-matching integral, a cost
@@ -12,7 +12,7 @@ and evaluates the score model (EMA weights) with the module's prior at T, Gaussi
                                                               scale, a contribution
     so that, exactly,  bpd_elbo = bpd_prior + bpd_diffusion - bpd_reconstruction.
 
-    ODE (Song et al. 2021 Eq. 13; ``diffusion.likelihood.ode_log_likelihood``): the density p_eps
+    ODE (Song et al. 2021 Eq. 13; ``difftime.likelihood.ode_log_likelihood``): the density p_eps
     of the model at time eps is used as the continuous model of y, as Song et al. do, so
         bpd_ode = -(log p_eps(y) + log_det) / (D ln 2).
     With dequantization both are upper bounds on the discrete -log2 P(x) / D (Theis et al. 2016);
@@ -28,7 +28,7 @@ estimator's own per-datum SE, ``ElboTerms.total_se``), i.e. the error for this f
 dequantized images; it is NaN when the estimator cannot report its spread (``n_t = 1``, or an
 auxiliary prior with ``n_prior = 1``).
 
-Invariance. The randomness of datum i comes from a :class:`~diffusion.utils.PerSampleNoise` row
+Invariance. The randomness of datum i comes from a :class:`~difftime.utils.PerSampleNoise` row
 seeded by its dataset index (``trainer.datamodule.sample_ids``), and per-datum sums, sums of
 squares and counts are float64 torchmetrics states summed over ranks. The ELBO keys therefore do
 not depend on the batch size or the number of devices (up to float64 summation order). The ODE
@@ -50,9 +50,9 @@ from torch import Tensor
 from torchmetrics import Metric
 from typing_extensions import override
 
-from diffusion.data import bits_per_dim
-from diffusion.likelihood import ElboTerms, elbo, ode_log_likelihood
-from diffusion.utils import ConfigError, PerSampleNoise, step_seed
+from difftime.data import bits_per_dim
+from difftime.likelihood import ElboTerms, elbo, ode_log_likelihood
+from difftime.utils import ConfigError, PerSampleNoise, step_seed
 
 _METRIC_STREAM = 2**41  # counter tag of metric noise, apart from training steps and the module's own
 DEQUANTIZE, ODE_PROBES = 0, 1  # sub-streams: dequantization then the ELBO draws; Hutchinson probes

@@ -1,6 +1,6 @@
 """Sharded generation with per-sample seeds: no duplicated or missing samples across ranks.
 
-Sample i is always generated from seed ``seed + i`` (a :class:`~diffusion.utils.PerSampleNoise`
+Sample i is always generated from seed ``seed + i`` (a :class:`~difftime.utils.PerSampleNoise`
 row), whatever the number of ranks or the batch size, so a metric computed on N samples is the
 same on 1 or 8 GPUs.
 """
@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-from diffusion.utils import PerSampleNoise
+from difftime.utils import PerSampleNoise
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:

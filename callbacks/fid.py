@@ -49,7 +49,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from typing_extensions import override
 
 from callbacks.distributed import generate_shard, shard_range
-from diffusion.utils import ConfigError
+from difftime.utils import ConfigError
 
 _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 

@@ -1,7 +1,7 @@
 """Trade-off curves of the diffusion time from one checkpoint (Franzese et al. 2023, Sec. 4).
 
 A score model trained on [eps, T] is evaluated as if the diffusion stopped at each T' of a grid
-(``diffusion.likelihood.truncated_elbo``): the diffusion term integrates [eps, T'] only and the
+(``difftime.likelihood.truncated_elbo``): the diffusion term integrates [eps, T'] only and the
 prior term compares q(x_T' | x_0) with the Gaussian prior of ``sde.with_T(T')``. In bits/dim, per
 datum (dequantized and scaled as in :mod:`callbacks.bpd`, same per-sample noise):
 
@@ -18,7 +18,7 @@ one the decomposition at T is also reported with that prior in place of the Gaus
 Logged scalars (validation loop; T' printed with three decimals):
 
     kl_gap/prior/T=0.400        prior(T'), bits/dim
-    kl_gap/diffusion/T=0.400    diffusion(T'), bits/dim
+    kl_gap/difftime/T=0.400    diffusion(T'), bits/dim
     kl_gap/bpd/T=0.400          bpd(T'), bits/dim
     kl_gap/T_star, kl_gap/bpd_star
     kl_gap/aux_prior/T=1.000, kl_gap/aux_bpd/T=1.000     (auxiliary prior only)
@@ -42,9 +42,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from callbacks.bpd import DEQUANTIZE, EvalSetCallback, PerSampleMoments, elbo_bits, log_values
-from diffusion.likelihood import ElboTerms, prior_term, truncated_elbo
-from diffusion.priors import GaussianPrior
-from diffusion.utils import ConfigError
+from difftime.likelihood import ElboTerms, prior_term, truncated_elbo
+from difftime.priors import GaussianPrior
+from difftime.utils import ConfigError
 
 
 
@@ -194,7 +194,7 @@ def curve_keys(rows: list[Row]) -> dict[str, float]:
     for row in rows:
         label = t_label(row.T)
         if row.prior == "gaussian":
-            values.update({f"kl_gap/prior/{label}": row.prior_bpd, f"kl_gap/diffusion/{label}": row.diffusion_bpd,
+            values.update({f"kl_gap/prior/{label}": row.prior_bpd, f"kl_gap/difftime/{label}": row.diffusion_bpd,
                            f"kl_gap/bpd/{label}": row.total_bpd})
         else:
             values.update({f"kl_gap/aux_prior/{label}": row.prior_bpd, f"kl_gap/aux_bpd/{label}": row.total_bpd})

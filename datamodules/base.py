@@ -22,8 +22,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.sampler import EvalShardSampler, ShardedSampler, check_world
-from diffusion.data import DataScaling
-from diffusion.utils import ConfigError
+from difftime.data import DataScaling
+from difftime.utils import ConfigError
 
 
 class InMemoryDataset(Dataset):

@@ -22,8 +22,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from datamodules.base import DiffusionDataModule, InMemoryDataset
-from diffusion.data import ImageScaling
-from diffusion.utils import ConfigError, step_seed
+from difftime.data import ImageScaling
+from difftime.utils import ConfigError, step_seed
 
 # Counter tag of the train/val(/test) split, kept apart from the sampler's epoch counters.
 SPLIT_STREAM = 1 << 33

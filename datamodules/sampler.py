@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
-from diffusion.utils import ConfigError, step_seed
+from difftime.utils import ConfigError, step_seed
 
 
 def check_world(batch_size: int, world_size: int, rank: int = 0, owner: str = "") -> int:

@@ -9,9 +9,9 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.base import DiffusionDataModule, InMemoryDataset
-from diffusion.data import ContinuousScaling
-from diffusion.toy import GaussianMixture, Ring
-from diffusion.utils import ConfigError, step_seed
+from difftime.data import ContinuousScaling
+from difftime.toy import GaussianMixture, Ring
+from difftime.utils import ConfigError, step_seed
 
 # Counter tag of the dataset draws, kept apart from the epoch counters of the sampler.
 DATA_STREAM = 1 << 32
@@ -24,7 +24,7 @@ class ToyDataModule(DiffusionDataModule):
     Each split is drawn with its own generator, seeded ``step_seed(seed, DATA_STREAM, split)``,
     so the sets are fixed by ``seed`` and unrelated to one another. ``distribution`` stays
     available for the exact (oracle) score and marginals; in a config it is injected with
-    ``class_path: diffusion.toy.Ring`` and ``init_args``.
+    ``class_path: difftime.toy.Ring`` and ``init_args``.
     """
 
     name = "toy"

@@ -26,10 +26,10 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from callbacks.checkpoint_io import load_verified
-from diffusion.aux_priors import FlowPrior, GaussianVAE
-from diffusion.likelihood import prior_term
-from diffusion.sde import SDE
-from diffusion.utils import ConfigError, Generator, randn, step_seed
+from difftime.aux_priors import FlowPrior, GaussianVAE
+from difftime.likelihood import prior_term
+from difftime.sde import SDE
+from difftime.utils import ConfigError, Generator, randn, step_seed
 from lightning_modules.common import DiffusionSystem
 
 _INIT_STREAM = 2**41  # counter offset that keeps the ActNorm init noise apart from training and evaluation
@@ -47,7 +47,7 @@ class AuxPriorModule(DiffusionSystem):
       For a VAE prior log nu is replaced by its lower bound (hyperparameters ``prior_exact``
       False, ``prior_bound`` e.g. ``iwae16``), so the value is an UPPER bound on the NLL.
     * ``val/kl_prior_bpd``: the ELBO's prior term E_{x_0}[KL(q(x_T | x_0) || nu)] / (D ln 2)
-      (:func:`diffusion.likelihood.prior_term`), and ``val/kl_prior_gaussian_bpd``, the same for
+      (:func:`difftime.likelihood.prior_term`), and ``val/kl_prior_gaussian_bpd``, the same for
       the SDE's Gaussian prior: their difference is the gain from the auxiliary model.
       Both exceed KL(q_T || prior) by the same mutual information I(x_0; x_T).
 
@@ -59,7 +59,7 @@ class AuxPriorModule(DiffusionSystem):
     :func:`load_aux_prior` needs (``prior_spec``, ``sde_hparams``, ``data_shape``).
 
     Args:
-        prior: the auxiliary model (a :mod:`diffusion.aux_priors` class), over ``data_shape``.
+        prior: the auxiliary model (a :mod:`difftime.aux_priors` class), over ``data_shape``.
         sde: forward SDE; the prior models its marginal at ``sde.T``.
         data_shape: shape of one sample; linked from the datamodule by the CLI.
         optimizer, lr_scheduler: callables; the scheduler is stepped every optimizer step.
@@ -249,7 +249,7 @@ def checkpoint_record(prior: nn.Module, sde: SDE, data_shape: tuple[int, ...]) -
 
 
 def build_prior(spec: dict[str, Any]) -> nn.Module:
-    """Instantiate a prior from its spec; only :mod:`diffusion.aux_priors` classes are allowed.
+    """Instantiate a prior from its spec; only :mod:`difftime.aux_priors` classes are allowed.
 
     A checkpoint loaded with weights_only must not be able to run arbitrary constructors, hence
     the class check. The global RNG is left untouched (layers draw their initial weights from it).
@@ -257,7 +257,7 @@ def build_prior(spec: dict[str, Any]) -> nn.Module:
     module_name, _, name = str(spec["class_path"]).rpartition(".")
     cls = getattr(importlib.import_module(module_name), name, None) if module_name else None
     if not (isinstance(cls, type) and issubclass(cls, _REBUILDABLE)):
-        raise ValueError(f"prior class '{spec['class_path']}' is not an auxiliary prior of diffusion.aux_priors")
+        raise ValueError(f"prior class '{spec['class_path']}' is not an auxiliary prior of difftime.aux_priors")
     with torch.random.fork_rng(devices=[]):
         return cls(**spec.get("init_args", {}))
 

@@ -2,7 +2,7 @@
 
 * Counter-based randomness: step k of the run draws its noise from a generator seeded by
   (seed, k), for the whole global batch, and each rank keeps its slice
-  (:class:`~diffusion.utils.ShardedNoise`). A resumed run, or the same run on another number of
+  (:class:`~difftime.utils.ShardedNoise`). A resumed run, or the same run on another number of
   devices, draws exactly the same numbers. ``k`` is a buffer, so it is restored with the weights.
 * Fault-tolerant steps: a non-finite loss or gradient norm is detected on all ranks together
   before the optimizer step; the step is then skipped everywhere (weights, optimizer moments,
@@ -20,8 +20,8 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
-from diffusion.data import ContinuousScaling, DataScaling
-from diffusion.utils import ConfigError, Generator, PerSampleNoise, ShardedNoise, step_seed
+from difftime.data import ContinuousScaling, DataScaling
+from difftime.utils import ConfigError, Generator, PerSampleNoise, ShardedNoise, step_seed
 
 _PLAIN = (type(None), bool, int, float, str)
 _EVAL_STREAM = 2**40  # counter offset that keeps evaluation noise apart from training steps

@@ -18,13 +18,13 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from diffusion.data import ImageScaling
-from diffusion.losses import DSMLoss
-from diffusion.priors import Prior
-from diffusion.samplers import EulerMaruyama, Sampler
-from diffusion.score import make_score_fn
-from diffusion.sde import SDE, ScoreFn
-from diffusion.utils import ConfigError, Generator, PerSampleNoise
+from difftime.data import ImageScaling
+from difftime.losses import DSMLoss
+from difftime.priors import Prior
+from difftime.samplers import EulerMaruyama, Sampler
+from difftime.score import make_score_fn
+from difftime.sde import SDE, ScoreFn
+from difftime.utils import ConfigError, Generator, PerSampleNoise
 from lightning_modules.common import DiffusionSystem
 
 

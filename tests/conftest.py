@@ -24,6 +24,6 @@ def generator() -> torch.Generator:
 
 @pytest.fixture(params=["vp", "subvp", "ve"])
 def sde(request):
-    from diffusion.sde import SubVPSDE, VESDE, VPSDE
+    from difftime.sde import SubVPSDE, VESDE, VPSDE
 
     return {"vp": VPSDE(T=0.6), "subvp": SubVPSDE(T=0.6), "ve": VESDE(T=0.6, sigma_max=5.0)}[request.param]

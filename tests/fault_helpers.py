@@ -41,7 +41,7 @@ class SignalAt(Callback):
 
 def make_nan_mlp(nan_calls: set[int]):
     """An MLP whose training forward returns NaN on the chosen calls (1-based)."""
-    from diffusion.networks import MLP
+    from difftime.networks import MLP
 
     class NaNMLP(MLP):
         def __init__(self, *args: Any, **kwargs: Any) -> None:

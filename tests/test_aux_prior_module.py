@@ -15,11 +15,11 @@ import torch
 
 from callbacks.checkpoint_io import CorruptCheckpointError
 from datamodules import ToyDataModule
-from diffusion.aux_priors import GlowPrior, MLPVAEPrior, RealNVPPrior
-from diffusion.networks import MLP
-from diffusion.sde import VPSDE
-from diffusion.samplers import EulerMaruyama
-from diffusion.toy import Gaussian, GaussianMixture, OracleScore
+from difftime.aux_priors import GlowPrior, MLPVAEPrior, RealNVPPrior
+from difftime.networks import MLP
+from difftime.sde import VPSDE
+from difftime.samplers import EulerMaruyama
+from difftime.toy import Gaussian, GaussianMixture, OracleScore
 from lightning_modules import AuxPriorModule, ScoreModule
 from lightning_modules.aux_prior_module import load_aux_prior
 
@@ -126,7 +126,7 @@ def test_oracle_score_needs_q_T_as_prior_at_short_T():
 # ---------------------------------------------------------------------- checkpoints and ScoreModule
 def test_checkpoint_records_plain_hyperparameters(fitted):
     hp = torch.load(fitted["path"], weights_only=True)["hyper_parameters"]
-    assert hp["prior_spec"] == {"class_path": "diffusion.aux_priors.flows.RealNVPPrior",
+    assert hp["prior_spec"] == {"class_path": "difftime.aux_priors.flows.RealNVPPrior",
                                 "init_args": {"dim": 2, "layers": 4, "hidden": 32}}
     assert hp["sde_hparams"] == {"class": "VPSDE", "T": T, "eps": 1e-3, "beta_min": 0.1, "beta_max": 20.0}
     assert hp["data_shape"] == [2] and hp["prior_exact"] is True and hp["prior_bound"] == "exact"

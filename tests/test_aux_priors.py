@@ -1,4 +1,4 @@
-"""Auxiliary priors (diffusion.aux_priors): flows checked against autograd Jacobians and numeric
+"""Auxiliary priors (difftime.aux_priors): flows checked against autograd Jacobians and numeric
 integration on perturbed parameters, the VAE bounds against probabilistic PCA's closed-form
 likelihood, sampling against the prior interface's randomness contract."""
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion.aux_priors import (GaussianVAE, GlowPrior, MLPVAEPrior, NeuralSplinePrior, RealNVPPrior,
+from difftime.aux_priors import (GaussianVAE, GlowPrior, MLPVAEPrior, NeuralSplinePrior, RealNVPPrior,
                                   VAEPrior, glow_level_shapes, prior_info)
-from diffusion.priors import GaussianPrior
-from diffusion.toy import GaussianMixture
-from diffusion.utils import ConfigError, PerSampleNoise
+from difftime.priors import GaussianPrior
+from difftime.toy import GaussianMixture
+from difftime.utils import ConfigError, PerSampleNoise
 
 LOG_2PI = math.log(2 * math.pi)
 

@@ -88,7 +88,7 @@ def test_out_of_range_values_fail_fast_with_the_key_path(override, key, capsys, 
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("--model.init_args.sde=diffusion.sde.FooSDE", "FooSDE"),
+    ("--model.init_args.sde=difftime.sde.FooSDE", "FooSDE"),
     ("--model.init_args.bogus=1", "bogus"),
     ("--model.init_args.sde.init_args.T=abc", "sde.init_args.T"),
 ])
@@ -99,14 +99,14 @@ def test_unknown_classes_keys_and_types_are_rejected(override, fragment, capsys,
 
 def test_core_never_imports_lightning():
     offenders = []
-    for path in (ROOT / "diffusion").rglob("*.py"):
+    for path in (ROOT / "difftime").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             offenders += [f"{path}: {n}" for n in names if n.split(".")[0] in ("lightning", "pytorch_lightning")]
     assert not offenders
-    code = ("import sys, diffusion.sde, diffusion.losses, diffusion.samplers, diffusion.likelihood, "
-            "diffusion.networks, diffusion.aux_priors, diffusion.toy, diffusion.data; "
+    code = ("import sys, difftime.sde, difftime.losses, difftime.samplers, difftime.likelihood, "
+            "difftime.networks, difftime.aux_priors, difftime.toy, difftime.data; "
             "print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

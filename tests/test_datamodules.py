@@ -33,8 +33,8 @@ from datamodules import (
     SklearnDigitsDataModule,
     ToyDataModule,
 )
-from diffusion.toy import RandomMixture, Ring
-from diffusion.utils import ConfigError, step_seed
+from difftime.toy import RandomMixture, Ring
+from difftime.utils import ConfigError, step_seed
 
 
 def expected_global_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -180,14 +180,14 @@ def test_toy_distribution_from_a_config():
 
     parser = jsonargparse.ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(ToyDataModule, "data")
-    cfg = parser.parse_object({"data": {"distribution": {"class_path": "diffusion.toy.Ring",
+    cfg = parser.parse_object({"data": {"distribution": {"class_path": "difftime.toy.Ring",
                                                          "init_args": {"n_modes": 4}}, "batch_size": 64}})
     dm = parser.instantiate(cfg).data
     assert isinstance(dm.distribution, Ring) and dm.distribution.means.shape == (4, 2)
     assert dm.batch_size == 64 and dm.data_shape == (2,)
     default = parser.instantiate(parser.parse_object({})).data
     assert isinstance(default.distribution, Ring) and default.distribution.means.shape == (8, 2)
-    assert "class_path: diffusion.toy.Ring" in parser.dump(parser.parse_object({}))
+    assert "class_path: difftime.toy.Ring" in parser.dump(parser.parse_object({}))
     assert ToyDataModule().distribution is not ToyDataModule().distribution
 
 

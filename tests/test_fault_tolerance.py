@@ -44,11 +44,11 @@ DIGITS = textwrap.dedent("""
       class_path: lightning_modules.ScoreModule
       init_args:
         net:
-          class_path: diffusion.networks.UNet
+          class_path: difftime.networks.UNet
           init_args: {{in_channels: 1, resolution: 8, nf: 8, ch_mult: [1, 2], num_res_blocks: 1,
                       attn_resolutions: [4], dropout: 0.2, num_groups: 4}}
-        sde: {{class_path: diffusion.sde.VPSDE, init_args: {{T: 0.6}}}}
-        sampler: {{class_path: diffusion.samplers.EulerMaruyama, init_args: {{steps: 5}}}}
+        sde: {{class_path: difftime.sde.VPSDE, init_args: {{T: 0.6}}}}
+        sampler: {{class_path: difftime.samplers.EulerMaruyama, init_args: {{steps: 5}}}}
         optimizer: {{class_path: torch.optim.Adam, init_args: {{lr: 1.0e-3}}}}
         lr_scheduler: {{class_path: torch.optim.lr_scheduler.LinearLR, init_args: {{start_factor: 0.1, total_iters: 20}}}}
         ema_decay: 0.9
@@ -77,15 +77,15 @@ TOY = textwrap.dedent("""
     model:
       class_path: lightning_modules.ScoreModule
       init_args:
-        net: {{class_path: diffusion.networks.MLP, init_args: {{dim: 2, hidden: 32, depth: 2}}}}
-        sde: {{class_path: diffusion.sde.VPSDE, init_args: {{T: 0.6}}}}
-        loss: {{class_path: diffusion.losses.DSMLoss, init_args: {{weighting: likelihood, importance_sampling: true}}}}
+        net: {{class_path: difftime.networks.MLP, init_args: {{dim: 2, hidden: 32, depth: 2}}}}
+        sde: {{class_path: difftime.sde.VPSDE, init_args: {{T: 0.6}}}}
+        loss: {{class_path: difftime.losses.DSMLoss, init_args: {{weighting: likelihood, importance_sampling: true}}}}
         optimizer: {{class_path: torch.optim.Adam, init_args: {{lr: 1.0e-2}}}}
         ema_decay: 0.9
     data:
       class_path: datamodules.ToyDataModule
       init_args:
-        distribution: {{class_path: diffusion.toy.Ring, init_args: {{n_modes: 4}}}}
+        distribution: {{class_path: difftime.toy.Ring, init_args: {{n_modes: 4}}}}
         n_train: 640
         batch_size: 64
 """)
@@ -301,8 +301,8 @@ def toy_system(net, max_steps: int, tmp_path: Path, **module_args):
     import lightning
 
     from datamodules import ToyDataModule
-    from diffusion.sde import VPSDE
-    from diffusion.toy import Ring
+    from difftime.sde import VPSDE
+    from difftime.toy import Ring
     from lightning_modules import ScoreModule
 
     module = ScoreModule(net, VPSDE(T=0.6), data_shape=(2,), ema_decay=0.9,
@@ -376,7 +376,7 @@ def test_consecutive_faults_stop_cleanly_with_a_finite_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------------- precision
 def test_bf16_mixed_fit_keeps_fp32_weights_and_ema(tmp_path):
-    from diffusion.networks import MLP
+    from difftime.networks import MLP
 
     module, data, trainer = toy_system(MLP(dim=2, hidden=32, depth=2), 5, tmp_path)
     import lightning
@@ -406,7 +406,7 @@ def test_fp16_overflow_steps_are_left_to_the_grad_scaler(tmp_path):
     """16-mixed: overflowing steps while the scale calibrates are skipped by the scaler, not faults."""
     import lightning
 
-    from diffusion.networks import MLP
+    from difftime.networks import MLP
 
     from lightning.pytorch.plugins.precision import MixedPrecision
 

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from callbacks.fid import FID, FrechetDistance, RandomConvFeatures, frechet_distance, gaussian_moments
 from datamodules import SklearnDigitsDataModule
-from diffusion.data import ImageScaling
-from diffusion.utils import ConfigError
+from difftime.data import ImageScaling
+from difftime.utils import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,13 +13,13 @@ import torch
 from scipy import integrate
 from torchdiffeq import odeint
 
-from diffusion.data import ImageScaling, bits_per_dim
-from diffusion.likelihood import (ElboTerms, best_truncation, elbo, ode_log_likelihood, prior_term,
+from difftime.data import ImageScaling, bits_per_dim
+from difftime.likelihood import (ElboTerms, best_truncation, elbo, ode_log_likelihood, prior_term,
                                   truncated_elbo)
-from diffusion.score import make_score_fn
-from diffusion.sde import SDE, SubVPSDE, VESDE, VPSDE
-from diffusion.toy import Gaussian, GaussianMixture, OracleScore, RandomMixture, Ring
-from diffusion.utils import ConfigError, PerSampleNoise
+from difftime.score import make_score_fn
+from difftime.sde import SDE, SubVPSDE, VESDE, VPSDE
+from difftime.toy import Gaussian, GaussianMixture, OracleScore, RandomMixture, Ring
+from difftime.utils import ConfigError, PerSampleNoise
 
 
 @pytest.fixture(autouse=True)

@@ -31,10 +31,10 @@ from scipy import integrate
 from callbacks import BitsPerDim, KLGap
 from callbacks.bpd import DEQUANTIZE, ODE_PROBES, PerSampleMoments, elbo_bits
 from datamodules import MLXtendMNISTDataModule, ToyDataModule
-from diffusion.likelihood import ElboTerms, elbo, ode_log_likelihood
-from diffusion.sde import VPSDE
-from diffusion.toy import Gaussian, OracleScore
-from diffusion.utils import ConfigError
+from difftime.likelihood import ElboTerms, elbo, ode_log_likelihood
+from difftime.sde import VPSDE
+from difftime.toy import Gaussian, OracleScore
+from difftime.utils import ConfigError
 from lightning_modules import ScoreModule
 
 MU, SIGMA, DIM = [0.8, -0.5], [0.5, 0.3], 2

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from diffusion.networks import MLP, UNet
-from diffusion.networks.layers import TimeEmbedding
-from diffusion.utils import ConfigError
+from difftime.networks import MLP, UNet
+from difftime.networks.layers import TimeEmbedding
+from difftime.utils import ConfigError
 
 SMALL = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4)
 # (in_channels, resolution, extra config): CIFAR-like, MNIST 28 -> 14 -> 7, 8x8 digits.

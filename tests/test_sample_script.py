@@ -34,20 +34,20 @@ model:
   class_path: lightning_modules.ScoreModule
   init_args:
     net:
-      class_path: diffusion.networks.MLP
+      class_path: difftime.networks.MLP
       init_args: {dim: 2, hidden: 32, depth: 2}
     sde:
-      class_path: diffusion.sde.VPSDE
+      class_path: difftime.sde.VPSDE
       init_args: {T: 0.4, eps: 1.0e-3}
     sampler:
-      class_path: diffusion.samplers.EulerMaruyama
+      class_path: difftime.samplers.EulerMaruyama
       init_args: {steps: 8}
     ema_decay: 0.9
 data:
   class_path: datamodules.ToyDataModule
   init_args:
     distribution:
-      class_path: diffusion.toy.Ring
+      class_path: difftime.toy.Ring
     n_train: 512
     n_val: 64
     n_test: 64
@@ -68,14 +68,14 @@ model:
   class_path: lightning_modules.ScoreModule
   init_args:
     net:
-      class_path: diffusion.networks.UNet
+      class_path: difftime.networks.UNet
       init_args: {in_channels: 1, resolution: 8, nf: 8, ch_mult: [1], num_res_blocks: 1,
                   attn_resolutions: [], dropout: 0.0, num_groups: 4}
     sde:
-      class_path: diffusion.sde.VPSDE
+      class_path: difftime.sde.VPSDE
       init_args: {T: 1.0, eps: 1.0e-5}
     sampler:
-      class_path: diffusion.samplers.EulerMaruyama
+      class_path: difftime.samplers.EulerMaruyama
       init_args: {steps: 6}
     ema_decay: 0.5
 data:

@@ -25,10 +25,10 @@ import math
 import pytest
 import torch
 
-from diffusion import samplers as S
-from diffusion.sde import SDE, SubVPSDE, VESDE, VPSDE
-from diffusion.toy import Gaussian, GaussianMixture, OracleScore, RandomMixture, Ring
-from diffusion.utils import ConfigError, PerSampleNoise
+from difftime import samplers as S
+from difftime.sde import SDE, SubVPSDE, VESDE, VPSDE
+from difftime.toy import Gaussian, GaussianMixture, OracleScore, RandomMixture, Ring
+from difftime.utils import ConfigError, PerSampleNoise
 
 N = 4000
 

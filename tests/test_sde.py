@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from diffusion.sde import SDE, SubVPSDE, VESDE, VPSDE
-from diffusion.utils import ConfigError
+from difftime.sde import SDE, SubVPSDE, VESDE, VPSDE
+from difftime.utils import ConfigError
 
 
 def simulate_forward(sde: SDE, x0: torch.Tensor, t_end: float, steps: int, g: torch.Generator) -> torch.Tensor:

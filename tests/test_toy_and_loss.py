@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from diffusion.losses import DSMLoss, sample_time
-from diffusion.sde import VESDE, VPSDE
-from diffusion.toy import Gaussian, OracleScore, RandomMixture, Ring
-from diffusion.utils import ConfigError
+from difftime.losses import DSMLoss, sample_time
+from difftime.sde import VESDE, VPSDE
+from difftime.toy import Gaussian, OracleScore, RandomMixture, Ring
+from difftime.utils import ConfigError
 
 
 @pytest.mark.parametrize("data", [RandomMixture(dim=3, n_components=3, seed=1), Ring(n_modes=6, std=0.1)])

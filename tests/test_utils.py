@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion.utils import PerSampleNoise, ShardedNoise, append_dims, randn, step_seed
+from difftime.utils import PerSampleNoise, ShardedNoise, append_dims, randn, step_seed
 
 
 def test_append_dims():

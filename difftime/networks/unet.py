@@ -21,7 +21,7 @@ that resamples inside its residual branch and its 1x1-projected skip (Brock et a
 Fig. 15); without, it is parameter-free 2x2 average pooling / nearest-neighbour upsampling.
 
 The network predicts the noise eps_hat(x_t, t) of x_t = m(t) x_0 + s(t) z (see
-:mod:`diffusion.score`).
+:mod:`difftime.score`).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion.networks.layers import (AttentionBlock, Embedding, Resample, ResAttnBlock, ResBlock,
+from difftime.networks.layers import (AttentionBlock, Embedding, Resample, ResAttnBlock, ResBlock,
                                        TimeEmbedding, broadcast_time, conv, group_norm, linear)
-from diffusion.utils import ConfigError
+from difftime.utils import ConfigError
 
 
 class _Level(nn.Module):

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from diffusion.utils import ConfigError, Generator, append_dims, rand
+from difftime.utils import ConfigError, Generator, append_dims, rand
 
 
 class DataScaling:

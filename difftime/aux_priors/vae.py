@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from diffusion.utils import ConfigError, Generator, randn, sum_flat
+from difftime.utils import ConfigError, Generator, randn, sum_flat
 
 _LOG_2PI = math.log(2 * math.pi)
 

@@ -12,8 +12,8 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from diffusion.sde import SDE, ScoreFn
-from diffusion.utils import append_dims
+from difftime.sde import SDE, ScoreFn
+from difftime.utils import append_dims
 
 NoiseNet = Callable[[Tensor, Tensor], Tensor] | nn.Module
 

@@ -4,14 +4,14 @@ A flow is a bijection x = f(z) from base variables z to x with exact density
 log nu(x) = log p_Z(f^{-1}(x)) + log |det d f^{-1}(x) / dx|
 (change of variables; Dinh et al. 2017, "Density estimation using Real NVP", Eq. 3).
 All layers, base distributions and the likelihood path are normflows' own; this module only
-wires them into the prior interface of :mod:`diffusion.priors`.
+wires them into the prior interface of :mod:`difftime.priors`.
 
 Sampling honours the ``generator`` argument by drawing the standardised base noise
 eps ~ N(0, I) of all ``D = prod(event_shape)`` base variables ourselves with
-:func:`diffusion.utils.randn` (one ``[n, D]`` draw), mapping it through the base
+:func:`difftime.utils.randn` (one ``[n, D]`` draw), mapping it through the base
 distribution's reparametrisation z = loc + exp(log_scale) * eps and then through the flow's
 deterministic forward pass. The global RNG is never touched, and with a
-:class:`~diffusion.utils.PerSampleNoise` source sample i depends only on seed i.
+:class:`~difftime.utils.PerSampleNoise` source sample i depends only on seed i.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import normflows as nf
 import torch
 from torch import Tensor, nn
 
-from diffusion.utils import ConfigError, Generator, randn
+from difftime.utils import ConfigError, Generator, randn
 
 
 def _no_autocast(x: Tensor) -> torch.autocast:

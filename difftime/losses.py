@@ -8,7 +8,7 @@ lambda(t) || s_theta(x_t, t) - grad log q(x_t | x_0) ||^2 equals
 * ``likelihood``: lambda = g(t)^2, whose integral over t bounds the negative log-likelihood
   (Song et al. 2021b, "Maximum Likelihood Training of Score-Based Diffusion Models", Thm. 1).
   With ``importance_sampling`` t is drawn with density proportional to g^2 / s^2, i.e. uniformly
-  in the log noise-to-signal ratio (see :meth:`diffusion.sde.SDE.log_nsr`), which makes the
+  in the log noise-to-signal ratio (see :meth:`difftime.sde.SDE.log_nsr`), which makes the
   weight constant and the estimator's variance far lower (ibid. Sec. 5).
 
 Losses are averaged over dimensions and returned per sample, ``[B]``: the caller reduces.
@@ -23,9 +23,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffusion.sde import SDE
-from diffusion.score import NoiseNet
-from diffusion.utils import ConfigError, Generator, mean_flat, rand, randn
+from difftime.sde import SDE
+from difftime.score import NoiseNet
+from difftime.utils import ConfigError, Generator, mean_flat, rand, randn
 
 
 def sample_time(sde: SDE, n: int, generator: Generator = None, device: torch.device | str = "cpu",

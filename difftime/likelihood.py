@@ -37,9 +37,9 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from diffusion.priors import Prior
-from diffusion.sde import SDE, ScoreFn
-from diffusion.utils import ConfigError, Generator, append_dims, rademacher_like, rand, randn, sum_flat
+from difftime.priors import Prior
+from difftime.sde import SDE, ScoreFn
+from difftime.utils import ConfigError, Generator, append_dims, rademacher_like, rand, randn, sum_flat
 
 PriorFn = Callable[[float], Prior]
 

@@ -10,8 +10,8 @@ one signature (k-diffusion style)::
 - ``score_fn(x, t) -> [B, *D]`` with ``t: [B]``; it may run under autocast, its output is cast
   back to the state dtype.
 - ``generator``: a ``torch.Generator``, a per-sample noise source
-  (:class:`diffusion.utils.PerSampleNoise`) or None; all noise is drawn through
-  :func:`diffusion.utils.randn`, so with per-sample seeds a sample's trajectory depends only on
+  (:class:`difftime.utils.PerSampleNoise`) or None; all noise is drawn through
+  :func:`difftime.utils.randn`, so with per-sample seeds a sample's trajectory depends only on
   its own seed, not on the batch it is drawn in.
 - ``callback(d)`` is called after each step with ``d = {"i", "t", "x", "nfe"}``.
 - ``info`` holds ``nfe`` (score evaluations; one call on a batch counts 1), ``steps``,
@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from diffusion.sde import SDE, ScoreFn
-from diffusion.utils import ConfigError, Generator, append_dims, randn
+from difftime.sde import SDE, ScoreFn
+from difftime.utils import ConfigError, Generator, append_dims, randn
 
 Callback = Callable[[dict[str, Any]], None]
 Info = dict[str, Any]

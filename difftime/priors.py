@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from diffusion.utils import Generator, append_dims, randn, sum_flat
+from difftime.utils import Generator, append_dims, randn, sum_flat
 
 
 @runtime_checkable

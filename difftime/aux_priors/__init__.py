@@ -3,7 +3,7 @@
 With a finite diffusion time T the forward-diffused data q_T is not the Gaussian prior the
 reverse process starts from; the ELBO pays KL(q_T || prior). Franzese et al. fit an auxiliary
 density model nu to samples of q_T by maximum likelihood and start the reverse process from
-nu instead. Every model here implements the prior interface of :mod:`diffusion.priors`
+nu instead. Every model here implements the prior interface of :mod:`difftime.priors`
 (``event_shape``, ``sample(n, generator)``, ``log_prob(x) -> [B]`` in nats) plus
 ``loss(x) -> [B]`` for maximum-likelihood training, ``exact`` (True when ``log_prob`` is the
 exact log-density, False when it is a lower bound) and ``bound_name``.
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from diffusion.aux_priors.flows import FlowPrior, GlowPrior, NeuralSplinePrior, RealNVPPrior, glow_level_shapes
-from diffusion.aux_priors.vae import GaussianVAE, MLPVAEPrior, VAEPrior
+from difftime.aux_priors.flows import FlowPrior, GlowPrior, NeuralSplinePrior, RealNVPPrior, glow_level_shapes
+from difftime.aux_priors.vae import GaussianVAE, MLPVAEPrior, VAEPrior
 
 __all__ = ["FlowPrior", "GlowPrior", "RealNVPPrior", "NeuralSplinePrior", "GaussianVAE", "VAEPrior",
            "MLPVAEPrior", "glow_level_shapes", "prior_info"]

@@ -1,7 +1,7 @@
 """Noise-prediction networks ``net(x_t, t) -> eps_hat``: the DDPM++ U-Net for images and a
 residual MLP for vector data."""
 
-from diffusion.networks.mlp import MLP
-from diffusion.networks.unet import UNet
+from difftime.networks.mlp import MLP
+from difftime.networks.unet import UNet
 
 __all__ = ["MLP", "UNet"]

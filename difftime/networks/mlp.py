@@ -1,6 +1,6 @@
 """Residual MLP noise-prediction network for vector data (toy mixtures, small flattened data).
 
-The time embedding (see :class:`diffusion.networks.layers.TimeEmbedding`) is passed through a
+The time embedding (see :class:`difftime.networks.layers.TimeEmbedding`) is passed through a
 Linear-SiLU-Linear map and added, through a per-block projection, inside every residual block,
 the vector analogue of the DDPM++ residual block (Song et al. 2021, App. H):
 h <- h + W_2 SiLU(W_1 SiLU(h) + P_i SiLU(emb)). The output layer starts at zero, so the initial
@@ -15,8 +15,8 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion.networks.layers import TimeEmbedding, broadcast_time, linear
-from diffusion.utils import ConfigError
+from difftime.networks.layers import TimeEmbedding, broadcast_time, linear
+from difftime.utils import ConfigError
 
 
 class _MLPBlock(nn.Module):

@@ -18,8 +18,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from diffusion.sde import SDE
-from diffusion.utils import Generator, append_dims, rand, randn
+from difftime.sde import SDE
+from difftime.utils import Generator, append_dims, rand, randn
 
 
 class GaussianMixture(nn.Module):
@@ -174,7 +174,7 @@ class OracleScore(nn.Module):
 
 # ---------------------------------------------------------------------- typed constructors
 # Subclasses with plain-typed arguments, so a config can inject a distribution with
-# ``class_path: diffusion.toy.Ring`` and ``init_args``.
+# ``class_path: difftime.toy.Ring`` and ``init_args``.
 def _isotropic_covs(std: Tensor, k: int, d: int) -> Tensor:
     std = torch.as_tensor(std, dtype=torch.float64).expand(k)
     return std[:, None, None] ** 2 * torch.eye(d, dtype=torch.float64)

@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from diffusion.priors import GaussianPrior
-from diffusion.utils import ConfigError, append_dims
+from difftime.priors import GaussianPrior
+from difftime.utils import ConfigError, append_dims
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 

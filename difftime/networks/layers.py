@@ -4,7 +4,7 @@ through Stochastic Differential Equations", App. H; Ho et al. 2020, "Denoising D
 Probabilistic Models", App. B; Brock et al. 2019, BigGAN, Fig. 15 for the resampling blocks).
 
 Feature maps are ``[B, C, H, W]``; time embeddings are ``[B, E]`` and are broadcast onto the
-features with :func:`diffusion.utils.append_dims`. Nothing here mixes samples of a batch
+features with :func:`difftime.utils.append_dims`. Nothing here mixes samples of a batch
 (GroupNorm and attention are per sample), so the output for one sample never depends on the
 others.
 """
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion.utils import ConfigError, append_dims
+from difftime.utils import ConfigError, append_dims
 
 Embedding = Literal["positional", "fourier"]
 
