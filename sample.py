@@ -104,7 +104,7 @@ def build(config_path: str | Path) -> tuple[nn.Module, Any, str | None]:
 
 def load_weights(model: nn.Module, ckpt_path: str | Path) -> None:
     """Verified weights-only load of the state dict; the prior's copy (``prior.*``) is skipped."""
-    from callbacks.checkpoint_io import load_verified
+    from difftime.checkpoints import load_verified
 
     state = load_verified(ckpt_path)["state_dict"]
     state = {k: v for k, v in state.items() if not k.startswith("prior.")}

@@ -30,7 +30,8 @@ from typing import Any
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from callbacks.checkpoint_io import CorruptCheckpointError, SafeCheckpointIO, checkpoint_step, find_resume_checkpoint, verify_checkpoint
+from callbacks.checkpoint_io import SafeCheckpointIO
+from difftime.checkpoints import CorruptCheckpointError, checkpoint_step, find_resume_checkpoint, verify_checkpoint
 from callbacks.preemption import Preempted, Preemption
 from difftime.utils import ConfigError
 

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO  # noqa: E402
 
-from callbacks.checkpoint_io import SafeCheckpointIO, load_verified, verify_checkpoint  # noqa: E402
+from callbacks.checkpoint_io import SafeCheckpointIO  # noqa: E402
+from difftime.checkpoints import load_verified, verify_checkpoint  # noqa: E402
 from difftime.networks import UNet  # noqa: E402
 from difftime.sde import VPSDE  # noqa: E402
 from lightning_modules import ScoreModule  # noqa: E402

@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from callbacks.checkpoint_io import load_verified
+from difftime.checkpoints import load_verified
 from difftime.aux_priors import FlowPrior, GaussianVAE
 from difftime.likelihood import prior_term
 from difftime.sde import SDE
@@ -79,7 +79,7 @@ class AuxPriorModule(DiffusionSystem):
         max_consecutive_skips: int = 20,
         n_eval_prior: int = 1,
     ) -> None:
-        super().__init__(seed=seed, max_consecutive_skips=max_consecutive_skips)
+        super().__init__(optimizer, lr_scheduler, seed=seed, max_consecutive_skips=max_consecutive_skips)
         data_shape = tuple(int(d) for d in data_shape)
         if tuple(prior.event_shape) != data_shape:
             raise ConfigError("prior", type(prior).__name__,
@@ -91,16 +91,11 @@ class AuxPriorModule(DiffusionSystem):
         self.save_hyperparameters(checkpoint_record(prior, sde, data_shape))
         self.prior, self.sde, self.data_shape = prior, sde, data_shape
         self.reference_prior = sde.prior(data_shape)
-        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.n_eval_prior = int(n_eval_prior)
         self._stochastic = "generator" in inspect.signature(prior.log_prob).parameters
         self._data_init_done = False
         names = ("nll", "kl_prior", "kl_prior_gaussian")
         self.metrics = nn.ModuleDict({f"{s}_{n}": MeanMetric() for s in ("val", "test") for n in names})
-
-    @property
-    def data_dim(self) -> int:
-        return math.prod(self.data_shape)
 
     # ------------------------------------------------------------------ inference
     def forward(self, x: Tensor, generator: Generator = None) -> Tensor:
@@ -184,13 +179,6 @@ class AuxPriorModule(DiffusionSystem):
         with torch.no_grad():
             self(gathered.flatten(0, 1) if gathered.ndim > x_T.ndim else gathered, generator)
         self._data_init_done = True
-
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.prior.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
@@ -283,8 +271,8 @@ def _same_q_T(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def load_aux_prior(path: str, sde: SDE, data_shape: tuple[int, ...]) -> nn.Module:
     """The frozen prior of an AuxPriorModule checkpoint, checked against the score model.
 
-    Verified weights-only load (:func:`callbacks.checkpoint_io.load_verified`; a damaged file
-    raises :class:`~callbacks.checkpoint_io.CorruptCheckpointError` naming it). Raises
+    Verified weights-only load (:func:`difftime.checkpoints.load_verified`; a damaged file
+    raises :class:`~difftime.checkpoints.CorruptCheckpointError` naming it). Raises
     ValueError naming both values when the checkpoint's SDE (class, T and its beta/sigma
     parameters; eps does not change q_T) or data shape differ from ``sde`` / ``data_shape``.
     Returns the prior in eval mode with ``requires_grad`` False, on the CPU.

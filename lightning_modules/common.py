@@ -13,15 +13,18 @@
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from difftime import checks
 from difftime.data import ContinuousScaling, DataScaling
-from difftime.utils import ConfigError, Generator, PerSampleNoise, ShardedNoise, step_seed
+from difftime.utils import Generator, PerSampleNoise, ShardedNoise, step_seed
 
 _PLAIN = (type(None), bool, int, float, str)
 _EVAL_STREAM = 2**40  # counter offset that keeps evaluation noise apart from training steps
@@ -49,11 +52,12 @@ class DiffusionSystem(LightningModule):
     (the module whose gradients are checked) and may override :meth:`after_optimizer_step`.
     """
 
-    def __init__(self, seed: int = 0, max_consecutive_skips: int = 20) -> None:
+    def __init__(self, optimizer: OptimizerCallable = torch.optim.Adam, lr_scheduler: LRSchedulerCallable | None = None,
+                 seed: int = 0, max_consecutive_skips: int = 20) -> None:
         super().__init__()
-        if max_consecutive_skips < 1:
-            raise ConfigError("max_consecutive_skips", max_consecutive_skips, ">= 1", type(self).__name__)
-        self.seed, self.max_consecutive_skips = int(seed), int(max_consecutive_skips)
+        self.max_consecutive_skips = checks.integer("max_consecutive_skips", max_consecutive_skips, type(self).__name__)
+        self.seed = int(seed)
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.scaling: DataScaling = ContinuousScaling()
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
@@ -69,6 +73,19 @@ class DiffusionSystem(LightningModule):
 
     def trainable(self) -> nn.Module:
         raise NotImplementedError
+
+    @property
+    def data_dim(self) -> int:
+        """D, the number of values of one sample (``self.data_shape`` is set by the subclass)."""
+        return math.prod(self.data_shape)
+
+    def configure_optimizers(self) -> Any:
+        """The optimizer over :meth:`trainable`'s parameters; the scheduler steps every optimizer step."""
+        optimizer = self.optimizer_factory(self.trainable().parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -8,7 +8,6 @@ for the whole global batch, so a resumed or re-sharded run draws exactly the sam
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable
 
@@ -63,7 +62,7 @@ class ScoreModule(DiffusionSystem):
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
-        super().__init__(seed=seed, max_consecutive_skips=max_consecutive_skips)
+        super().__init__(optimizer, lr_scheduler, seed=seed, max_consecutive_skips=max_consecutive_skips)
         if not 0.0 <= ema_decay < 1.0:
             raise ConfigError("ema_decay", ema_decay, "0 <= ema_decay < 1", "ScoreModule")
         self.save_plain_hyperparameters()
@@ -72,7 +71,6 @@ class ScoreModule(DiffusionSystem):
             net.check_input_shape(self.data_shape)
         self.loss_fn = loss or DSMLoss()
         self.sampler = sampler or EulerMaruyama()
-        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.channels_last = channels_last
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -162,14 +160,3 @@ class ScoreModule(DiffusionSystem):
         if isinstance(self.scaling, ImageScaling):
             samples = self.scaling.to_uint8(samples)
         return {"index": batch, "samples": samples}
-
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.net.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    @property
-    def data_dim(self) -> int:
-        return math.prod(self.data_shape)

@@ -13,7 +13,7 @@ import lightning
 import pytest
 import torch
 
-from callbacks.checkpoint_io import CorruptCheckpointError
+from difftime.checkpoints import CorruptCheckpointError
 from datamodules import ToyDataModule
 from difftime.aux_priors import GlowPrior, MLPVAEPrior, RealNVPPrior
 from difftime.networks import MLP
