@@ -130,6 +130,9 @@ SAMPLE_CASES = [
     ("heun-ve-ring", S.HeunODE(steps=100), VESDE(T=0.4, sigma_max=10.0), RING, 0.005),
     ("ode-vp-ring", S.AdaptiveODE(), VPSDE(T=1.0), RING, 0.005),
     ("ode-subvp-mix", S.AdaptiveODE(method="bosh3"), SubVPSDE(T=1.0), MIX, 0.005),
+    ("dpm-ve-ring", S.DPMSolverPP(steps=50), VESDE(T=1.0, sigma_max=10.0), RING, 0.005),
+    ("ddim-vp-mix", S.DDIM(steps=200), VPSDE(T=1.0), MIX, 0.005),
+    ("sdedpm-subvp-mix", S.SDEDPMSolverPP(steps=200), SubVPSDE(T=0.4), MIX, 0.03),
 ]
 
 
@@ -334,10 +337,11 @@ def test_transition_coeffs_match_ddpm_and_smld():
 
 
 LOW_PRECISION_CASES = [S.EulerMaruyama(steps=5), S.PredictorCorrector(steps=5), S.HeunODE(steps=5),
-                       S.AdaptiveODE(rtol=1e-3, atol=1e-3)]
+                       S.AdaptiveODE(rtol=1e-3, atol=1e-3), S.DDIM(steps=5), S.DPMSolverPP(steps=5),
+                       S.SDEDPMSolverPP(steps=5)]
 
 
-@pytest.mark.parametrize("sampler", LOW_PRECISION_CASES, ids=["em", "pc", "heun", "adaptive"])
+@pytest.mark.parametrize("sampler", LOW_PRECISION_CASES, ids=["em", "pc", "heun", "adaptive", "ddim", "dpm", "sde-dpm"])
 def test_state_is_fp32_under_low_precision_scores(sampler):
     sde = VPSDE(T=0.4)
     score = lambda x, t: oracle(MIX, sde)(x.float(), t).to(torch.bfloat16)
@@ -383,13 +387,13 @@ def test_sampler_classes_call_their_function():
     x_T = start(MIX, sde, 20)
     sampler = S.PredictorCorrector(steps=4, snr=0.1, corrector_steps=2, denoise=False)
     assert repr(sampler) == ("PredictorCorrector(steps=4, snr=0.1, corrector_steps=2, denoise=False, "
-                             "step_size='expected')")
+                             "step_size='expected', schedule=UniformT())")
     x, info = sampler(oracle(MIX, sde), sde, x_T, generator=torch.Generator().manual_seed(0))
     y, _ = S.predictor_corrector(oracle(MIX, sde), sde, x_T, 4, torch.Generator().manual_seed(0), snr=0.1,
                                  corrector_steps=2, denoise=False)
     assert torch.equal(x, y)
     assert info == {"sampler": "predictor_corrector", "nfe": 12, "steps": 4, "t_end": sde.eps,
-                    "snr": 0.1, "corrector_steps": 2, "step_size": "expected"}
+                    "snr": 0.1, "corrector_steps": 2, "step_size": "expected", "schedule": "uniform_t"}
     _, info = sampler(oracle(MIX, sde), sde, x_T, steps=3)
     assert info["steps"] == 3 and info["nfe"] == 9
     _, info = S.AdaptiveODE(rtol=1e-3, atol=1e-3)(oracle(MIX, sde), sde, x_T, steps=50)
