@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,16 +34,17 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from difftime.samplers import AdaptiveODE, EulerMaruyama, HeunODE, PredictorCorrector, Sampler
-from difftime.utils import PerSampleNoise
+from difftime.priors import describe_prior
+from difftime.render import render
+from difftime.samplers import SAMPLERS, Sampler
+from difftime.utils import PerSampleNoise, generate_indexed
 
-SAMPLERS: dict[str, type[Sampler]] = {
-    "euler_maruyama": EulerMaruyama,
-    "predictor_corrector": PredictorCorrector,
-    "heun": HeunODE,
-    "adaptive": AdaptiveODE,
-}
 _CONFIG_KEYS = ("seed_everything", "model", "data")  # the run's trainer, ckpt_path etc. are not needed
+_AUX = "difftime.aux_priors.AuxPriorCheckpoint"
+
+
+class SampleError(Exception):
+    """A problem with the user's input: reported as one line, exit status 2."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,40 +71,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_out(out: Path) -> None:
+    """Fail before any sampling unless ``out`` can take new outputs without overwriting any."""
+    if out.exists() and not out.is_dir():
+        raise SampleError(f"--out {out} exists and is not a folder")
+    taken = [name for name in ("samples.npz", "samples.png", "info.json") if (out / name).exists()]
+    if taken:
+        raise SampleError(f"--out {out} already holds {', '.join(taken)}: choose a new folder (outputs are never overwritten)")
+    parent = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise SampleError(f"--out {out}: folder {parent} is not writable")
+
+
 # ---------------------------------------------------------------------- model
-def run_config(path: str | Path) -> tuple[dict[str, Any], str | None]:
-    """The model/data part of a saved run config, with a bare CPU trainer and the prior unset
-    (it is chosen by :func:`choose_prior`); and the run's own prior path, or None."""
-    with open(path) as handle:
-        saved = yaml.safe_load(handle)
-    model = saved.get("model") or {}
+def run_config(path: str | Path, prior: str | None = None) -> dict[str, Any]:
+    """The model/data part of a saved run config, with a bare CPU trainer.
+
+    ``prior`` replaces the run's prior: ``"gaussian"`` (the SDE's own) or the path of an
+    AuxPriorModule checkpoint; None keeps the run's. The score model checks it (SDE, T, shape).
+    """
+    try:
+        with open(path) as handle:
+            saved = yaml.safe_load(handle)
+    except OSError as error:
+        raise SampleError(f"--config {path}: {error.strerror}") from None
+    model = (saved or {}).get("model") or {}
     if not str(model.get("class_path", "")).endswith("ScoreModule"):
-        raise SystemExit(f"sample.py: error: {path} does not configure a ScoreModule "
-                         f"(model.class_path = {model.get('class_path')!r})")
+        raise SampleError(f"{path} does not configure a ScoreModule (model.class_path = {model.get('class_path')!r})")
     init_args = dict(model.get("init_args") or {})
-    run_prior = init_args.pop("prior", None)
+    if prior == "gaussian":
+        init_args["prior"] = None
+    elif prior is not None:
+        init_args["prior"] = {"class_path": _AUX, "init_args": {"path": str(prior)}}
     config = {k: v for k, v in saved.items() if k in _CONFIG_KEYS}
     config["model"] = {"class_path": model["class_path"], "init_args": init_args}
     config["trainer"] = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
                          "callbacks": []}
-    return config, run_prior
+    return config
 
 
-def build(config_path: str | Path) -> tuple[nn.Module, Any, str | None]:
-    """(ScoreModule, datamodule, the run's prior path or None) from a saved config."""
+def build(config_path: str | Path, prior: str | None = None) -> tuple[nn.Module, Any]:
+    """(ScoreModule, datamodule) from a saved config, with the chosen prior."""
     import train
 
-    config, run_prior = run_config(config_path)
+    config = run_config(config_path, prior)
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees this script's own arguments
     try:
         cli = train.main(args=config, run=False)
     finally:
         sys.argv = argv
-    return cli.model, cli.datamodule, run_prior
+    return cli.model, cli.datamodule
 
 
 def load_weights(model: nn.Module, ckpt_path: str | Path) -> None:
-    """Verified weights-only load of the state dict; the prior's copy (``prior.*``) is skipped."""
+    """Verified weights-only load of the score model; the prior is the config's (``prior.*`` skipped)."""
     from difftime.checkpoints import load_verified
 
     state = load_verified(ckpt_path)["state_dict"]
@@ -118,87 +139,54 @@ def load_weights(model: nn.Module, ckpt_path: str | Path) -> None:
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def choose_prior(model: nn.Module, requested: str | None, run_prior: str | None) -> tuple[nn.Module, str]:
-    """(prior at T, its description) from ``--prior`` or the run's config."""
-    choice = requested if requested is not None else (run_prior or "gaussian")
-    if choice == "gaussian":
-        return model.sde.prior(model.data_shape), "gaussian"
-    from lightning_modules.aux_prior_module import load_aux_prior
-
-    prior = load_aux_prior(choice, sde=model.sde, data_shape=model.data_shape)
-    return prior, f"{type(prior).__name__} ({choice})"
-
-
 def choose_sampler(model: nn.Module, name: str | None) -> Sampler:
-    if name is None:
-        return model.sampler
-    return SAMPLERS[name]()
+    return model.sampler if name is None else SAMPLERS[name]()
 
 
 # ---------------------------------------------------------------------- generation
-def generate(model: nn.Module, prior: nn.Module, sampler: Sampler, n: int, batch_size: int, seed: int,
+def generate(model: nn.Module, sampler: Sampler, n: int, batch_size: int, seed: int,
              steps: int | None) -> tuple[Tensor, list[dict]]:
     """n samples, sample i from CPU generators seeded ``seed + i``; the infos of every batch."""
-    chunks, infos = [], []
-    for start in range(0, n, batch_size):
-        noise = PerSampleNoise([seed + i for i in range(start, min(start + batch_size, n))])
-        samples, info = model.sample(len(noise), generator=noise, sampler=sampler, prior=prior, steps=steps)
-        chunks.append(samples.float().cpu())
-        infos.append(info)
+    def sample_fn(k: int, generator: PerSampleNoise) -> tuple[Tensor, dict]:
+        samples, info = model.sample(k, generator=generator, sampler=sampler, steps=steps)
+        return samples.float().cpu(), info
+
+    chunks, infos = generate_indexed(sample_fn, range(n), seed, batch_size)
     return torch.cat(chunks), infos
 
 
-def write_outputs(samples: Tensor, scaling: Any, out: Path, nrow: int | None) -> dict[str, str]:
-    """``samples.npz`` and ``samples.png`` in ``out``; returns their paths."""
-    import torchvision
-
-    from callbacks.sample_grid import save_png
-
+def write_outputs(samples: Tensor, scaling: Any, out: Path, nrow: int | None, caption: str) -> dict[str, str]:
+    """``samples.npz`` (the output form: uint8 images or fp32 vectors) and ``samples.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"npz": str(out / "samples.npz"), "png": str(out / "samples.png")}
-    if samples.ndim == 4:
-        images = scaling.to_uint8(samples)  # clamps to [-1, 1] and rounds: never wraps around
-        np.savez_compressed(paths["npz"], samples=images.numpy())
-        grid = torchvision.utils.make_grid(images, nrow=nrow or max(1, int(math.sqrt(len(images)))))
-        save_png(grid, paths["png"])
-    else:
-        np.savez_compressed(paths["npz"], samples=samples.numpy().astype(np.float32))
-        _scatter(samples.flatten(1), paths["png"])
+    outputs = scaling.to_output(samples)
+    np.savez_compressed(paths["npz"], samples=outputs.numpy())
+    rendered = render(outputs, nrow, caption)
+    rendered.save(paths["png"])
+    rendered.close()
     return paths
-
-
-def _scatter(points: Tensor, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(4, 4))
-    axis.scatter(points[:, 0], points[:, 1 if points.shape[1] > 1 else 0], s=4, alpha=0.6)
-    axis.set_title(f"{points.shape[0]} samples")
-    axis.set_aspect("equal")
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
 
 
 # ---------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    out = Path(args.out)
+    check_out(out)
     ckpt_path = args.ckpt_path or str(Path(args.config).parent / "checkpoints" / "last.ckpt")
-    model, datamodule, run_prior = build(args.config)
+    model, datamodule = build(args.config, args.prior)
     load_weights(model, ckpt_path)
-    prior, prior_name = choose_prior(model, args.prior, run_prior)
-    model, prior = model.to(args.device).eval(), prior.to(args.device).eval()
-    sampler = choose_sampler(model, args.sampler)
+    model = model.to(args.device).eval()
+    sampler, prior_name = choose_sampler(model, args.sampler), describe_prior(model.prior)
     start = time.perf_counter()
-    samples, infos = generate(model, prior, sampler, args.n, args.batch_size, args.seed, args.steps)
+    samples, infos = generate(model, sampler, args.n, args.batch_size, args.seed, args.steps)
     wall = time.perf_counter() - start
-    paths = write_outputs(samples, datamodule.scaling, Path(args.out), args.nrow)
     nfe = [int(info["nfe"]) for info in infos]
+    caption = f"{args.n} samples | {infos[0]['sampler']} | NFE {max(nfe)} | prior {prior_name} | T {model.sde.T:g}"
+    paths = write_outputs(samples, datamodule.scaling, out, args.nrow, caption)
     summary = {"n": args.n, "seed": args.seed, "sampler": infos[0]["sampler"], "steps": infos[0]["steps"],
                "nfe": max(nfe), "nfe_total": sum(nfe), "wall_time_s": wall, "prior": prior_name,
                "T": model.sde.T, "eps": model.sde.eps, "checkpoint": str(ckpt_path), **paths}
-    with open(Path(args.out) / "info.json", "w") as handle:
+    with open(out / "info.json", "w") as handle:
         json.dump(summary, handle, indent=2)
     per_batch = f"{min(nfe)}-{max(nfe)}" if min(nfe) != max(nfe) else str(nfe[0])
     print(f"sample.py: {args.n} samples in {wall:.1f} s | sampler {summary['sampler']} "
@@ -208,10 +196,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def cli_main() -> None:
-    """``python sample.py ...`` and the ``difftime-sample`` console entry point."""
-    from configs import resolve_config_args
+    """``python sample.py ...`` and the ``difftime-sample`` console entry point.
 
-    main(resolve_config_args(sys.argv[1:]))
+    Errors in what the user gave (config, checkpoint, prior, output folder) are one line on
+    stderr and exit status 2, not a traceback.
+    """
+    from configs import resolve_config_args
+    from difftime.checkpoints import CorruptCheckpointError
+
+    try:
+        main(resolve_config_args(sys.argv[1:]))
+    except (SampleError, CorruptCheckpointError, FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"sample.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -44,17 +44,17 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torchmetrics import Metric
 from typing_extensions import override
 
+from callbacks.contract import ScoreSystem, is_due
 from difftime.data import bits_per_dim
 from difftime.likelihood import ElboTerms, elbo, ode_log_likelihood
-from difftime.utils import ConfigError, PerSampleNoise, step_seed
+from difftime.utils import ConfigError, PerSampleNoise, Stream, step_seed
 
-_METRIC_STREAM = 2**41  # counter tag of metric noise, apart from training steps and the module's own
 DEQUANTIZE, ODE_PROBES = 0, 1  # sub-streams: dequantization then the ELBO draws; Hutchinson probes
 
 
@@ -138,7 +138,7 @@ class EvalSetCallback(Callback):
     # ------------------------------------------------------------------ interval
     def is_due(self, trainer: Trainer, every: int) -> bool:
         """Outside fit always; during fit on every ``every``-th validation loop."""
-        return trainer.state.fn != TrainerFn.FITTING or self.validations % every == 0
+        return trainer.state.fn != TrainerFn.FITTING or is_due(self.validations, every)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -176,11 +176,11 @@ class EvalSetCallback(Callback):
         Dequantization u is the first draw of the DEQUANTIZE stream; the ELBO's times and noise
         follow in the same stream.
         """
-        seeds = [step_seed(self.seed, _METRIC_STREAM, stream, self._rank_tag, i) for i in ids.tolist()]
+        seeds = [step_seed(self.seed, Stream.METRIC, stream, self._rank_tag, i) for i in ids.tolist()]
         return PerSampleNoise(seeds, device)
 
     # ------------------------------------------------------------------ hooks
-    def _start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def _start(self, trainer: Trainer, pl_module: ScoreSystem, stage: str) -> None:
         if stage == "val" and trainer.sanity_checking:
             self._active[stage] = False
             return
@@ -189,7 +189,7 @@ class EvalSetCallback(Callback):
         self._seen[stage] = 0
         self._active[stage] = self.start(trainer, pl_module, stage)
 
-    def _batch(self, trainer: Trainer, pl_module: LightningModule, batch: Tensor, batch_idx: int,
+    def _batch(self, trainer: Trainer, pl_module: ScoreSystem, batch: Tensor, batch_idx: int,
                stage: str) -> None:
         if not self._active.get(stage):
             return
@@ -197,49 +197,49 @@ class EvalSetCallback(Callback):
         with evaluating(pl_module):
             self.update(trainer, pl_module, stage, batch, ids.to(batch.device))
 
-    def _end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def _end(self, trainer: Trainer, pl_module: ScoreSystem, stage: str) -> None:
         if self._active.pop(stage, False):
             self.finish(trainer, pl_module, stage)
 
     @override
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: ScoreSystem) -> None:
         self._start(trainer, pl_module, "val")
 
     @override
-    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: ScoreSystem, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         self._batch(trainer, pl_module, batch, batch_idx, "val")
 
     @override
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: ScoreSystem) -> None:
         self._end(trainer, pl_module, "val")
 
     @override
-    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: ScoreSystem) -> None:
         if "test" in self.stages:
             self._start(trainer, pl_module, "test")
 
     @override
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+    def on_test_batch_end(self, trainer: Trainer, pl_module: ScoreSystem, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         self._batch(trainer, pl_module, batch, batch_idx, "test")
 
     @override
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: ScoreSystem) -> None:
         self._end(trainer, pl_module, "test")
 
     # ------------------------------------------------------------------ subclass interface
-    def start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> bool:
+    def start(self, trainer: Trainer, pl_module: ScoreSystem, stage: str) -> bool:
         raise NotImplementedError
 
-    def update(self, trainer: Trainer, pl_module: LightningModule, stage: str, batch: Tensor, ids: Tensor) -> None:
+    def update(self, trainer: Trainer, pl_module: ScoreSystem, stage: str, batch: Tensor, ids: Tensor) -> None:
         raise NotImplementedError
 
-    def finish(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def finish(self, trainer: Trainer, pl_module: ScoreSystem, stage: str) -> None:
         raise NotImplementedError
 
 
-def log_values(pl_module: LightningModule, values: dict[str, float]) -> None:
+def log_values(pl_module: ScoreSystem, values: dict[str, float]) -> None:
     """Log values already reduced over ranks (identical everywhere). ``sync_dist`` averages
     identical numbers; it only keeps Lightning's epoch-level distributed check quiet."""
     for key, value in values.items():
@@ -315,14 +315,14 @@ class BitsPerDim(EvalSetCallback):
     def ode_limit(self) -> int | None:
         return self.ode_max_samples if self.ode_max_samples is not None else self.max_samples
 
-    def start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> bool:
+    def start(self, trainer: Trainer, pl_module: ScoreSystem, stage: str) -> bool:
         self._due = {"elbo": self.is_due(trainer, self.every_n_validations),
                      "ode": self.ode and self.is_due(trainer, self.ode_every_n_validations)}
         for metric in (self.elbo_metric, self.ode_metric):
             metric.empty(pl_module.device)
         return any(self._due.values())
 
-    def update(self, trainer: Trainer, pl_module: LightningModule, stage: str, batch: Tensor, ids: Tensor) -> None:
+    def update(self, trainer: Trainer, pl_module: ScoreSystem, stage: str, batch: Tensor, ids: Tensor) -> None:
         # Each part dequantizes its own subset: noise rows are per sample, so a datum gets the
         # same u (hence the same y) in the ELBO and in the ODE.
         use_elbo = self.within(ids, self.max_samples) & self._due["elbo"]
@@ -332,14 +332,14 @@ class BitsPerDim(EvalSetCallback):
         if bool(use_ode.any()):
             self._update_ode(pl_module, batch[use_ode], ids[use_ode])
 
-    def _update_elbo(self, pl_module: LightningModule, batch: Tensor, ids: Tensor) -> None:
+    def _update_elbo(self, pl_module: ScoreSystem, batch: Tensor, ids: Tensor) -> None:
         noise = self.noise(ids, DEQUANTIZE, pl_module.device)
         y, log_det = pl_module.scaling(batch, noise)
         terms = elbo(pl_module.score_fn(self.use_ema), pl_module.sde, pl_module.prior, y, n_t=self.n_t,
                      n_prior=self.n_prior, generator=noise)
         self.elbo_metric.update(elbo_bits(terms, log_det, y[0].numel()))
 
-    def _update_ode(self, pl_module: LightningModule, batch: Tensor, ids: Tensor) -> None:
+    def _update_ode(self, pl_module: ScoreSystem, batch: Tensor, ids: Tensor) -> None:
         y, log_det = pl_module.scaling(batch, self.noise(ids, DEQUANTIZE, pl_module.device))
         # Validation runs under inference mode; the divergence needs autograd, so leave it and
         # clone y into a normal tensor (ode_log_likelihood itself works in fp32 outside autocast).
@@ -351,7 +351,7 @@ class BitsPerDim(EvalSetCallback):
         nfe = torch.full_like(bpd, out.nfe / self.ode_probes)
         self.ode_metric.update({"bpd_ode": bpd, "nfe": nfe})
 
-    def finish(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def finish(self, trainer: Trainer, pl_module: ScoreSystem, stage: str) -> None:
         values: dict[str, float] = {}
         if self._due["elbo"]:
             stats = self.elbo_metric.compute()

@@ -13,29 +13,17 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-from difftime.utils import PerSampleNoise
-
-
-def shard_range(n: int, rank: int, world_size: int) -> range:
-    """Contiguous block of ``range(n)`` for ``rank``; sizes differ by at most one."""
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
+from difftime.utils import generate_indexed, shard_range
 
 
 def generate_shard(pl_module: LightningModule, indices: range, seed: int, batch_size: int,
                    sample_fn: Callable | None = None) -> tuple[Tensor, dict]:
     """Generate samples ``indices`` (seed + i each) in batches on this rank; returns samples and info."""
-    sample_fn = sample_fn or pl_module.sample
-    chunks, info = [], {"nfe": 0}
-    for start in range(indices.start, indices.stop, batch_size):
-        stop = min(start + batch_size, indices.stop)
-        noise = PerSampleNoise([seed + i for i in range(start, stop)], device=pl_module.device)
-        samples, info = sample_fn(stop - start, generator=noise)
-        chunks.append(samples)
+    sample_fn = sample_fn or (lambda k, generator: pl_module.sample(k, generator=generator))
+    chunks, infos = generate_indexed(sample_fn, indices, seed, batch_size, pl_module.device)
     if not chunks:
-        return torch.empty(0, *pl_module.data_shape, device=pl_module.device), info
-    return torch.cat(chunks), info
+        return torch.empty(0, *pl_module.data_shape, device=pl_module.device), {"nfe": 0}
+    return torch.cat(chunks), infos[-1]
 
 
 def gather_samples(trainer: Trainer, local: Tensor, n: int) -> Tensor:

@@ -9,7 +9,7 @@ What this callback fixes compared with a metric attached to the LightningModule:
 
 * Samples come from the module's own sampler and prior at T (``pl_module.sample``, EMA
   weights). Sample i always uses seed ``seed + i``; ranks generate disjoint contiguous blocks
-  of ``0..num_samples-1`` (:func:`callbacks.distributed.shard_range`), each rank feeds its own
+  of ``0..num_samples-1`` (:func:`difftime.utils.shard_range`), each rank feeds its own
   block to the metric, and the metric's sum-reduction does the rest: no padding, no duplicates,
   the same FID on 1 or 8 devices.
 * Pixels are converted by ``pl_module.scaling.to_uint8`` (clamp to [-1, 1], scale, round) and
@@ -41,15 +41,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.image.fid import FrechetInceptionDistance
 from typing_extensions import override
 
-from callbacks.distributed import generate_shard, shard_range
-from difftime.utils import ConfigError
+from callbacks.contract import ScoreSystem, is_due
+from callbacks.distributed import generate_shard
+from difftime.utils import ConfigError, shard_range
 
 _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
@@ -228,33 +229,32 @@ class FID(Callback):
 
     # ------------------------------------------------------------------ hooks
     @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        shape = tuple(getattr(pl_module, "data_shape", ()))
+    def setup(self, trainer: Trainer, pl_module: ScoreSystem, stage: str) -> None:
+        shape = tuple(pl_module.data_shape)
         if len(shape) != 3 or shape[0] not in (1, 3):
             raise ValueError(f"FID needs images of shape [1 or 3, H, W]; the module's data_shape is {shape}")
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: ScoreSystem, *args: Any) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+        if is_due(step, self.every_n_steps, self._last_step):
             self.evaluate(trainer, pl_module, "val", in_train_loop=True)
 
     @override
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: ScoreSystem) -> None:
         if trainer.sanity_checking:
             return
         if trainer.state.fn != "fit":
             self.evaluate(trainer, pl_module, "val")
-        elif self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0 \
-                and trainer.global_step != self._last_step:
+        elif is_due(trainer.current_epoch + 1, self.every_n_epochs) and trainer.global_step != self._last_step:
             self.evaluate(trainer, pl_module, "val")
 
     @override
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: ScoreSystem) -> None:
         self.evaluate(trainer, pl_module, "test")
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, trainer: Trainer, pl_module: LightningModule, stage: str, in_train_loop: bool = False) -> float:
+    def evaluate(self, trainer: Trainer, pl_module: ScoreSystem, stage: str, in_train_loop: bool = False) -> float:
         """Generate, extract, reduce across ranks, log; returns the FID (a collective).
 
         ``in_train_loop``: called from a training-batch hook, where ``pl_module.log`` would reach
@@ -280,7 +280,7 @@ class FID(Callback):
         self._log(trainer, pl_module, stage, record, in_train_loop)
         return value
 
-    def prepare(self, trainer: Trainer, pl_module: LightningModule) -> FrechetDistance:
+    def prepare(self, trainer: Trainer, pl_module: ScoreSystem) -> FrechetDistance:
         """The metric on the module's device, holding the reference statistics (built once)."""
         if self.metric is None:
             self.metric = self._build_metric(pl_module.data_shape)
@@ -316,7 +316,7 @@ class FID(Callback):
         with torch.autocast(device_type=images.device.type, enabled=False):
             metric.update(images.contiguous(), real=real)
 
-    def _update_generated(self, trainer: Trainer, pl_module: LightningModule,
+    def _update_generated(self, trainer: Trainer, pl_module: ScoreSystem,
                           metric: FrechetDistance) -> tuple[dict, float, int]:
         """This rank's block of samples ``seed + i``; returns the last info, sum of NFE x batch, count."""
         indices = shard_range(self.num_samples, trainer.global_rank, trainer.world_size)
@@ -345,7 +345,7 @@ class FID(Callback):
             return torch.arange(size)
         return torch.randperm(size, generator=torch.Generator().manual_seed(0))[: self.num_reference].sort().values
 
-    def _reference_meta(self, trainer: Trainer, pl_module: LightningModule, dataset: Dataset,
+    def _reference_meta(self, trainer: Trainer, pl_module: ScoreSystem, dataset: Dataset,
                         chosen: Tensor) -> dict[str, Any]:
         """Everything the cached statistics depend on; its hash names the cache file."""
         probe = hashlib.sha256()
@@ -367,7 +367,7 @@ class FID(Callback):
         aa = {True: "aa1", False: "aa0", None: "custom"}[meta["antialias"]]
         return self.cache_dir / f"{meta['dataset']}-{meta['split']}-n{meta['num_images']}-{aa}-{key}.pt"
 
-    def _prepare_reference(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _prepare_reference(self, trainer: Trainer, pl_module: ScoreSystem) -> None:
         """Rank zero loads cached totals (others keep zeros), or all ranks compute their shard."""
         dataset = self._reference_dataset(trainer)
         chosen = self._reference_indices(len(dataset))
@@ -389,7 +389,7 @@ class FID(Callback):
         if trainer.is_global_zero and path is not None:
             _save_cache(path, totals, meta)
 
-    def _update_reference(self, trainer: Trainer, pl_module: LightningModule, dataset: Dataset,
+    def _update_reference(self, trainer: Trainer, pl_module: ScoreSystem, dataset: Dataset,
                           chosen: Tensor) -> None:
         mine = chosen[_as_slice(shard_range(len(chosen), trainer.global_rank, trainer.world_size))]
         loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=self.batch_size, shuffle=False)
@@ -401,20 +401,19 @@ class FID(Callback):
             self._update(self.metric, pl_module.scaling.to_uint8(centres), real=True)
 
     # ------------------------------------------------------------------ reporting
-    def _record(self, trainer: Trainer, pl_module: LightningModule, stage: str, value: float, info: dict,
+    def _record(self, trainer: Trainer, pl_module: ScoreSystem, stage: str, value: float, info: dict,
                 totals: Tensor, wall_time: float) -> dict[str, Any]:
         nfe_total, count = (float(x) for x in totals.cpu())
-        sampler = getattr(pl_module, "sampler", None)
         return {"name": self.name, "stage": stage, "fid": value, "num_samples": int(count),
                 "nfe": nfe_total / max(count, 1.0), "extractor": self.extractor_id, "antialias": self._antialias_field(),
                 "step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
-                "prior": str(info.get("prior", type(getattr(pl_module, "prior", None)).__name__)),
-                "sampler": repr(sampler) if sampler is not None else None, "sampler_steps": self.steps,
+                "prior": str(info.get("prior", type(pl_module.prior).__name__)),
+                "sampler": repr(pl_module.sampler), "sampler_steps": self.steps,
                 "T": _plain(info.get("T")), "seed": self.seed, "world_size": int(trainer.world_size),
                 "reference": {**self.reference_meta, "source": self.reference_source},
                 "wall_time_s": wall_time}
 
-    def _log(self, trainer: Trainer, pl_module: LightningModule, stage: str, record: dict[str, Any],
+    def _log(self, trainer: Trainer, pl_module: ScoreSystem, stage: str, record: dict[str, Any],
              in_train_loop: bool) -> None:
         self.last_record = record
         antialias = {True: 1.0, False: 0.0, None: -1.0}[record["antialias"]]

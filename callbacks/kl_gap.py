@@ -18,7 +18,7 @@ one the decomposition at T is also reported with that prior in place of the Gaus
 Logged scalars (validation loop; T' printed with three decimals):
 
     kl_gap/prior/T=0.400        prior(T'), bits/dim
-    kl_gap/difftime/T=0.400    diffusion(T'), bits/dim
+    kl_gap/diffusion/T=0.400    diffusion(T'), bits/dim
     kl_gap/bpd/T=0.400          bpd(T'), bits/dim
     kl_gap/T_star, kl_gap/bpd_star
     kl_gap/aux_prior/T=1.000, kl_gap/aux_bpd/T=1.000     (auxiliary prior only)
@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 from torch import Tensor
 from typing_extensions import override
 
 from callbacks.bpd import DEQUANTIZE, EvalSetCallback, PerSampleMoments, elbo_bits, log_values
+from callbacks.contract import ScoreSystem
 from difftime.likelihood import ElboTerms, prior_term, truncated_elbo
 from difftime.priors import GaussianPrior
 from difftime.utils import ConfigError
@@ -117,7 +118,7 @@ class KLGap(EvalSetCallback):
                               self.owner)
         return grid
 
-    def start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> bool:
+    def start(self, trainer: Trainer, pl_module: ScoreSystem, stage: str) -> bool:
         if not self.is_due(trainer, self.every_n_validations):
             return False
         self.grid = self.make_grid(pl_module.sde.T, pl_module.sde.eps)
@@ -127,7 +128,7 @@ class KLGap(EvalSetCallback):
         self.metric.empty(pl_module.device)
         return True
 
-    def update(self, trainer: Trainer, pl_module: LightningModule, stage: str, batch: Tensor, ids: Tensor) -> None:
+    def update(self, trainer: Trainer, pl_module: ScoreSystem, stage: str, batch: Tensor, ids: Tensor) -> None:
         keep = self.within(ids, self.max_samples)
         if not bool(keep.any()):
             return
@@ -148,7 +149,7 @@ class KLGap(EvalSetCallback):
             values.update(aux_prior=bits["bpd_prior"], aux_total=bits["bpd_elbo"])
         self.metric.update(values)
 
-    def finish(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def finish(self, trainer: Trainer, pl_module: ScoreSystem, stage: str) -> None:
         summary = self.metric.compute()
         rows = self.rows(summary, type(pl_module.prior).__name__)
         best = min((row for row in rows if row.prior == "gaussian"), key=lambda row: row.total_bpd)
@@ -194,7 +195,7 @@ def curve_keys(rows: list[Row]) -> dict[str, float]:
     for row in rows:
         label = t_label(row.T)
         if row.prior == "gaussian":
-            values.update({f"kl_gap/prior/{label}": row.prior_bpd, f"kl_gap/difftime/{label}": row.diffusion_bpd,
+            values.update({f"kl_gap/prior/{label}": row.prior_bpd, f"kl_gap/diffusion/{label}": row.diffusion_bpd,
                            f"kl_gap/bpd/{label}": row.total_bpd})
         else:
             values.update({f"kl_gap/aux_prior/{label}": row.prior_bpd, f"kl_gap/aux_bpd/{label}": row.total_bpd})

@@ -6,11 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, Trainer
 from typing_extensions import override
 
-from callbacks.distributed import gather_samples, generate_shard, shard_range
+from callbacks.contract import SampleSource, is_due
+from callbacks.distributed import gather_samples, generate_shard
+from difftime import checks
+from difftime.render import render
+from difftime.utils import shard_range
 
 
 class SampleGrid(Callback):
@@ -30,30 +33,31 @@ class SampleGrid(Callback):
 
     def __init__(self, every_n_steps: int = 1000, n: int = 64, nrow: int | None = None,
                  steps: int | None = None, seed: int = 0, batch_size: int = 64) -> None:
-        if every_n_steps < 1 or n < 1 or batch_size < 1:
-            raise ValueError("SampleGrid: every_n_steps, n and batch_size must be >= 1")
-        self.every_n_steps, self.n, self.nrow, self.steps = every_n_steps, n, nrow, steps
-        self.seed, self.batch_size = seed, batch_size
+        owner = "SampleGrid"
+        self.every_n_steps = checks.integer("every_n_steps", every_n_steps, owner)
+        self.n, self.batch_size = checks.integer("n", n, owner), checks.integer("batch_size", batch_size, owner)
+        self.nrow = checks.integer("nrow", nrow, owner, optional=True)
+        self.steps = checks.integer("steps", steps, owner, optional=True)
+        self.seed = int(seed)
         self._last_step = -1
 
     def should_run(self, trainer: Trainer) -> bool:
-        step = trainer.global_step
         if trainer.fast_dev_run or trainer.sanity_checking:
             return False  # a smoke run checks the training loop, not hundreds of sampler steps
-        return step > 0 and step % self.every_n_steps == 0 and step != self._last_step
+        return is_due(trainer.global_step, self.every_n_steps, self._last_step)
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: SampleSource, *args: Any) -> None:
         if self.should_run(trainer):
             self.log_samples(trainer, pl_module)
 
     @override
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: SampleSource) -> None:
         if trainer.global_step != self._last_step and trainer.global_step > 0 and not trainer.fast_dev_run:
             self.log_samples(trainer, pl_module)
 
     @torch.no_grad()
-    def log_samples(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def log_samples(self, trainer: Trainer, pl_module: SampleSource) -> None:
         self._last_step = trainer.global_step
         indices = shard_range(self.n, trainer.global_rank, trainer.world_size)
         sample_fn = lambda k, generator: pl_module.sample(k, generator=generator, steps=self.steps)
@@ -63,42 +67,17 @@ class SampleGrid(Callback):
         if trainer.is_global_zero:
             self._write(trainer, pl_module, samples.cpu(), info, Path(log_dir or trainer.default_root_dir))
 
-    def _write(self, trainer: Trainer, pl_module: LightningModule, samples: torch.Tensor, info: dict,
+    def _write(self, trainer: Trainer, pl_module: SampleSource, samples: torch.Tensor, info: dict,
                log_dir: Path) -> None:
         step = trainer.global_step
-        experiment = getattr(trainer.logger, "experiment", None)
         out_dir = log_dir / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
-        if samples.ndim == 4:
-            grid = torchvision.utils.make_grid(pl_module.scaling.to_uint8(samples), nrow=self.nrow or int(self.n**0.5))
-            save_png(grid, out_dir / f"step={step:08d}.png")
-            if hasattr(experiment, "add_image"):
-                experiment.add_image("samples", grid, global_step=step)
-        else:
-            figure = _scatter(samples.flatten(1), info)
-            figure.savefig(out_dir / f"step={step:08d}.png", dpi=80)
-            if hasattr(experiment, "add_figure"):
-                experiment.add_figure("samples", figure, global_step=step)
-        if hasattr(experiment, "add_scalar"):
+        caption = (f"step {step}: {self.n} samples | {info.get('sampler', '?')} | NFE {info.get('nfe', '?')} | "
+                   f"prior {info.get('prior', '?')} | T {info.get('T', '?')}")
+        rendered = render(pl_module.scaling.to_output(samples), self.nrow, caption)
+        rendered.save(out_dir / f"step={step:08d}.png")
+        experiment = getattr(trainer.logger, "experiment", None)  # None without a logger
+        if hasattr(experiment, "add_image"):
+            rendered.log(experiment, "samples", step)
             experiment.add_scalar("samples/nfe", float(info.get("nfe", 0)), global_step=step)
-
-
-def save_png(grid: torch.Tensor, path: str | Path) -> None:
-    """Write a uint8 image grid ``[C, H, W]`` as PNG (Pillow; torchvision.io's encoders are deprecated)."""
-    from PIL import Image
-
-    array = grid.cpu().permute(1, 2, 0).numpy()
-    Image.fromarray(array[..., 0] if array.shape[2] == 1 else array).save(path)
-
-
-def _scatter(points: torch.Tensor, info: dict):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(4, 4))
-    axis.scatter(points[:, 0], points[:, 1 if points.shape[1] > 1 else 0], s=4, alpha=0.6)
-    axis.set_title(f"{points.shape[0]} samples, NFE {info.get('nfe', '?')}")
-    axis.set_aspect("equal")
-    return figure
+        rendered.close()

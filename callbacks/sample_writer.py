@@ -7,20 +7,20 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torchvision
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
-from callbacks.sample_grid import save_png
+from difftime.render import render
 
 
 class SampleWriter(BasePredictionWriter):
     """Save ``{output_dir}/samples_rank{r}.npz`` (keys ``index``, ``samples``) at the end of predict.
 
-    ``samples`` are uint8 ``[N, C, H, W]`` for images (float32 model-space vectors for toy data);
-    ``index`` says which sample each row is, so the rank files can be merged in order. A single
-    process also writes ``samples.png``, a grid of the images in index order.
+    ``samples`` are in the data's output form (:meth:`difftime.data.DataScaling.to_output`: uint8
+    ``[N, C, H, W]`` for images, float32 model-space vectors for toy data); ``index`` says which
+    sample each row is, so the rank files can be merged in order. A single process also writes
+    ``samples.png`` (:func:`difftime.render.render`: an image grid or a scatter, in index order).
 
         python train.py predict --config runs/quickstart/default/config.yaml \\
             --ckpt_path runs/quickstart/default/checkpoints/last.ckpt \\
@@ -44,6 +44,7 @@ class SampleWriter(BasePredictionWriter):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         np.savez(self.output_dir / f"samples_rank{trainer.global_rank}.npz", index=index.numpy(),
                  samples=samples.numpy())
-        if trainer.world_size == 1 and samples.dtype == torch.uint8 and samples.ndim == 4:
-            grid = torchvision.utils.make_grid(samples, nrow=self.nrow or max(1, int(len(samples) ** 0.5)))
-            save_png(grid, self.output_dir / "samples.png")
+        if trainer.world_size == 1:
+            rendered = render(samples, self.nrow, f"{len(samples)} samples")
+            rendered.save(self.output_dir / "samples.png")
+            rendered.close()

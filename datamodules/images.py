@@ -13,6 +13,9 @@ class-stratified permutation.
 
 from __future__ import annotations
 
+import math
+import pickle
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +26,9 @@ from torch.utils.data import Dataset
 
 from datamodules.base import DiffusionDataModule, InMemoryDataset
 from difftime.data import ImageScaling
-from difftime.utils import ConfigError, step_seed
+from difftime.utils import ConfigError, Stream, step_seed
 
 # Counter tag of the train/val(/test) split, kept apart from the sampler's epoch counters.
-SPLIT_STREAM = 1 << 33
 
 
 def split_indices(labels: Tensor, sizes: list[int], seed: int) -> list[Tensor]:
@@ -37,7 +39,7 @@ def split_indices(labels: Tensor, sizes: list[int], seed: int) -> list[Tensor]:
     holds each class within one sample of its share. Each part is returned sorted.
     """
     n = labels.shape[0]
-    generator = torch.Generator().manual_seed(step_seed(seed, SPLIT_STREAM))
+    generator = torch.Generator().manual_seed(step_seed(seed, Stream.DATA_SPLIT))
     perm = torch.randperm(n, generator=generator)
     grouped = perm[torch.sort(labels[perm], stable=True).indices]  # by class, random within class
     counts = torch.bincount(labels)
@@ -125,14 +127,29 @@ class TorchvisionDataModule(ImageDataModule):
                 raise self.not_found(self.missing_files(), f"Download failed: {error!r}. ") from error
         self.check_files(self.files)
 
+    def damaged(self, files: tuple[str, ...], cause: str) -> ValueError:
+        """A file that exists but does not read (truncated copy, wrong format), named."""
+        names = ", ".join(str(self.data_dir / f) for f in files)
+        return ValueError(f"{self.name} data in '{self.data_dir}' could not be read: {cause}. Check the files "
+                          f"{names} (a truncated or damaged copy?); replace them with the official files.")
+
+    def check_contents(self, path: Path) -> None:
+        """Format check of one data file before torchvision reads it (subclasses override)."""
+
     def check_files(self, files: tuple[str, ...]) -> None:
         if missing := self.missing_files(files):
             raise self.not_found(missing)
 
     def load(self, train: bool) -> InMemoryDataset:
         """The official training or test split, ``uint8 [N, C, H, W]`` with labels ``[N]``."""
-        self.check_files(self.train_files if train else self.test_files)
-        dataset = self.dataset_class()(self.root, train=train, download=False)
+        files = self.train_files if train else self.test_files
+        self.check_files(files)
+        for name in files:
+            self.check_contents(self.data_dir / name)
+        try:
+            dataset = self.dataset_class()(self.root, train=train, download=False)
+        except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as error:
+            raise self.damaged(files, f"{type(error).__name__}: {error}") from error
         return InMemoryDataset(self.to_tensor(dataset.data), torch.as_tensor(dataset.targets, dtype=torch.int64))
 
     def build_fit(self) -> tuple[Dataset, Dataset]:
@@ -174,6 +191,30 @@ class MNISTDataModule(TorchvisionDataModule):
         return MNIST
 
     to_tensor = staticmethod(_gray_to_tensor)
+
+    def check_contents(self, path: Path) -> None:
+        check_idx_file(path, self.name)
+
+
+def check_idx_file(path: Path, name: str = "") -> None:
+    """An idx file (LeCun's MNIST format) must be exactly as long as its header says.
+
+    Header: two zero bytes, a type code (0x08 = uint8), the number of dimensions, then each
+    dimension as a big-endian int32. A truncated copy otherwise surfaces as torchvision's bare
+    reshape error, naming no file.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        header = handle.read(4)
+        ndim = header[3] if len(header) == 4 else 0
+        dims = handle.read(4 * ndim)
+    if len(header) < 4 or header[:2] != b"\x00\x00" or len(dims) < 4 * ndim:
+        raise ValueError(f"{name} data file {path} is not an idx file or its header is truncated ({size} bytes)")
+    itemsize = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}.get(header[2], 1)
+    expected = 4 + 4 * ndim + itemsize * math.prod(struct.unpack(f">{ndim}i", dims))
+    if size != expected:
+        raise ValueError(f"{name} data file {path} is truncated or damaged: {size} bytes, its header "
+                         f"announces {expected}; replace it with the official file")
 
 
 class FashionMNISTDataModule(MNISTDataModule):

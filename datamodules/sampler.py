@@ -1,7 +1,7 @@
 """Samplers that shard every global batch across ranks, so any world size sees the same data.
 
 Training (:class:`ShardedSampler`): epoch e uses the permutation pi_e drawn from
-``torch.Generator().manual_seed(step_seed(seed, e))``. The incomplete global batch is dropped;
+``torch.Generator().manual_seed(step_seed(seed, Stream.EPOCH_SHUFFLE, e))``. The incomplete global batch is dropped;
 global batch k is ``pi_e[k G : (k + 1) G]`` (G the global batch size) and rank r takes its
 contiguous slice ``[r b, (r + 1) b)`` with b = G / world_size. Concatenating the ranks' k-th
 batches in rank order therefore gives exactly the k-th batch of a single-process run.
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
-from difftime.utils import ConfigError, step_seed
+from difftime.utils import ConfigError, Stream, shard_range, step_seed
 
 
 def check_world(batch_size: int, world_size: int, rank: int = 0, owner: str = "") -> int:
@@ -86,7 +86,7 @@ class ShardedSampler(DistributedSampler):
         epoch = self.epoch if epoch is None else epoch
         if not self.shuffle:
             return torch.arange(self.size)
-        generator = torch.Generator().manual_seed(step_seed(self.seed, epoch))
+        generator = torch.Generator().manual_seed(step_seed(self.seed, Stream.EPOCH_SHUFFLE, epoch))
         return torch.randperm(self.size, generator=generator)
 
     def global_batches(self, epoch: int | None = None) -> Tensor:
@@ -106,21 +106,14 @@ class ShardedSampler(DistributedSampler):
         return self.num_samples
 
 
-def shard_bounds(size: int, world_size: int, rank: int) -> tuple[int, int]:
-    """``[start, stop)`` of rank ``rank``'s contiguous block; the first ``size % world_size``
-    blocks hold one extra sample."""
-    base, extra = divmod(size, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
-
-
 class EvalShardSampler(DistributedSampler):
     """Evaluation indices of one rank: a contiguous block, in order, no padding or duplicates."""
 
     def __init__(self, size: int, world_size: int = 1, rank: int = 0) -> None:
         super().__init__(range(size), num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
         self.size = int(size)
-        self.start, self.stop = shard_bounds(self.size, world_size, rank)
+        block = shard_range(self.size, rank, world_size)
+        self.start, self.stop = block.start, block.stop
         self.num_samples = self.stop - self.start
         self.total_size = self.size
 

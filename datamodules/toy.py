@@ -11,17 +11,16 @@ from torch.utils.data import Dataset
 from datamodules.base import DiffusionDataModule, InMemoryDataset
 from difftime.data import ContinuousScaling
 from difftime.toy import GaussianMixture, Ring
-from difftime.utils import ConfigError, step_seed
+from difftime.utils import ConfigError, Stream, step_seed
 
 # Counter tag of the dataset draws, kept apart from the epoch counters of the sampler.
-DATA_STREAM = 1 << 32
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
 class ToyDataModule(DiffusionDataModule):
     """Train/val/test sets drawn once from ``distribution`` (float32 vectors ``[D]``).
 
-    Each split is drawn with its own generator, seeded ``step_seed(seed, DATA_STREAM, split)``,
+    Each split is drawn with its own generator, seeded ``step_seed(seed, Stream.TOY_DATA, split)``,
     so the sets are fixed by ``seed`` and unrelated to one another. ``distribution`` stays
     available for the exact (oracle) score and marginals; in a config it is injected with
     ``class_path: difftime.toy.Ring`` and ``init_args``.
@@ -47,7 +46,7 @@ class ToyDataModule(DiffusionDataModule):
 
     def draw(self, split: str) -> InMemoryDataset:
         """The fixed samples of ``split`` ("train", "val" or "test")."""
-        generator = torch.Generator().manual_seed(step_seed(self.seed, DATA_STREAM, SPLITS[split]))
+        generator = torch.Generator().manual_seed(step_seed(self.seed, Stream.TOY_DATA, SPLITS[split]))
         with torch.no_grad():
             data = self.distribution.sample(self.sizes[split], generator)
         return InMemoryDataset(data.cpu().float().contiguous())

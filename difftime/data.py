@@ -52,6 +52,14 @@ class DataScaling:
     def to_uint8(self, y: Tensor) -> Tensor:
         raise NotImplementedError("continuous data has no 8-bit image form")
 
+    def to_output(self, y: Tensor) -> Tensor:
+        """Model-space samples -> what is written and shown: fp32 values for continuous data.
+
+        The one place that decides what a sample looks like outside the model (images override
+        it with 8-bit pixels), used by sample.py, the sample grids and the prediction writer.
+        """
+        return y.detach().float().cpu()
+
 
 class ContinuousScaling(DataScaling):
     """Identity map for continuous data."""
@@ -101,6 +109,10 @@ class ImageScaling(DataScaling):
         if self.levels != 256:
             x = (x * 255.0 / (self.levels - 1)).round()
         return x.to(torch.uint8)
+
+    def to_output(self, y: Tensor) -> Tensor:
+        """Model-space samples -> uint8 pixels ``[B, C, H, W]`` (clamped and rounded, never wrapped)."""
+        return self.to_uint8(y.detach()).cpu()
 
     def __repr__(self) -> str:
         return f"ImageScaling(levels={self.levels}, dequantize={self.dequantize}, random_flip={self.random_flip})"

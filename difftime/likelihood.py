@@ -150,7 +150,7 @@ def prior_term(sde: SDE, prior: Prior, x0: Tensor, *, n_prior: int = 1,
 def _prior_log_prob(prior: Prior, mean: Tensor, std: Tensor, generator: Generator) -> Tensor:
     """log nu(x_T) for one draw x_T ~ N(mean, std^2 I)."""
     x_T = mean + append_dims(std, mean.ndim) * randn(mean.shape, generator, mean.device)
-    return prior.log_prob(x_T).float()
+    return prior.log_prob(x_T, generator).float()
 
 
 def diffusion_term(score_fn: ScoreFn, sde: SDE, x0: Tensor, *, n_t: int = 16,
@@ -292,14 +292,28 @@ def _augmented_drift(score_fn: ScoreFn, sde: SDE, probe: Tensor, counter: list[i
     return func
 
 
+# torchdiffeq's solvers that choose their own steps (and accept ``step_t``)
+_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+def _pinned_end(method: str | None, times: Tensor) -> dict[str, Tensor] | None:
+    """Make T a forced step boundary of an adaptive solver.
+
+    torchdiffeq's adaptive solvers otherwise step past the last time and interpolate back, so
+    the score is evaluated at t > T (up to T + 0.5 seen), where a network trained on [eps, T]
+    extrapolates, and the likelihood depends on it. With T as a step boundary no stage crosses it.
+    """
+    return {"step_t": times[1:]} if (method or "dopri5") in _ADAPTIVE else None
+
+
 def _ode_solve(score_fn: ScoreFn, sde: SDE, prior: Prior, x: Tensor, probe: Tensor,
-               counter: list[int], **solver) -> Tensor:
+               counter: list[int], generator: Generator = None, **solver) -> Tensor:
     """One probability-flow solve from eps to T: log nu(x_T) + int div f~ dt, ``[B]``."""
     func = _augmented_drift(score_fn, sde, probe, counter)
     times = torch.tensor([sde.eps, sde.T], dtype=x.dtype, device=x.device)
     delta0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    xs, deltas = odeint(func, (x, delta0), times, **solver)
-    return prior.log_prob(xs[-1]).float() + deltas[-1]
+    xs, deltas = odeint(func, (x, delta0), times, options=_pinned_end(solver.get("method"), times), **solver)
+    return prior.log_prob(xs[-1], generator).float() + deltas[-1]
 
 
 def ode_log_likelihood(score_fn: ScoreFn, sde: SDE, prior: Prior, x: Tensor, *, rtol: float = 1e-5,
@@ -319,7 +333,7 @@ def ode_log_likelihood(score_fn: ScoreFn, sde: SDE, prior: Prior, x: Tensor, *, 
     with _full_precision(x), torch.no_grad():
         x = x.float()
         probes = [rademacher_like(x, generator) for _ in range(n_probes)]
-        solves = [_ode_solve(score_fn, sde, prior, x, v, counter, rtol=rtol, atol=atol, method=method)
+        solves = [_ode_solve(score_fn, sde, prior, x, v, counter, generator, rtol=rtol, atol=atol, method=method)
                   for v in probes]
         log_prob, se = _mean_se(torch.stack(solves))
     return OdeLikelihood(log_prob, se, counter[0])

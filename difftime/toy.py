@@ -30,7 +30,8 @@ class GaussianMixture(nn.Module):
     q_T and can be used as the prior of a sampler.
     """
 
-    exact, bound_name = True, "exact"
+    exact: bool = True
+    bound_name: str | None = None
 
     def __init__(self, weights: Tensor, means: Tensor, covs: Tensor,
                  event_shape: Sequence[int] | None = None) -> None:
@@ -119,7 +120,8 @@ class GaussianMixture(nn.Module):
         comp_score = -torch.einsum("kde,bke->bkd", self.eigvecs, y / var)
         return (resp[..., None] * comp_score).sum(1).reshape(x.shape).to(x.dtype)
 
-    def log_prob(self, x: Tensor) -> Tensor:
+    def log_prob(self, x: Tensor, generator: Generator = None) -> Tensor:
+        """Exact log-density ``[B]``; ``generator`` is unused (the prior interface)."""
         return self.marginal_log_prob(x)
 
     def score(self, x: Tensor) -> Tensor:

@@ -7,7 +7,10 @@ are broadcast with :func:`append_dims`.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+import enum
+import functools
+import inspect
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -131,6 +134,56 @@ def rademacher_like(x: Tensor, generator: Generator = None) -> Tensor:
     return torch.where(rand(x.shape, generator, x.device, x.dtype) < 0.5, -1.0, 1.0).to(x.dtype)
 
 
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """Rank ``rank``'s contiguous block of ``range(n)``; the first ``n % world_size`` blocks hold one more.
+
+    Evaluation sets, generated samples and metric references are all split this way, so every
+    item is handled by exactly one rank (no padding, no duplicates) and blocks concatenate in order.
+    """
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def generate_indexed(sample_fn: Any, indices: range, seed: int, batch_size: int,
+                     device: torch.device | str = "cpu",
+                     progress: Any = None) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """Samples ``indices`` in batches, sample i drawing all its noise from seed ``seed + i``.
+
+    ``sample_fn(k, generator) -> (samples [k, *D], info)``; per-sample generators
+    (:class:`PerSampleNoise` on ``device``) make sample i the same whatever the batch size or
+    sharding. ``progress(done, total)`` is called after each batch. Returns the chunks and infos.
+    """
+    chunks, infos = [], []
+    for start in range(indices.start, indices.stop, batch_size):
+        stop = min(start + batch_size, indices.stop)
+        samples, info = sample_fn(stop - start, PerSampleNoise([seed + i for i in range(start, stop)], device))
+        chunks.append(samples)
+        infos.append(info)
+        if progress is not None:
+            progress(stop - indices.start, len(indices))
+    return chunks, infos
+
+
+class Stream(enum.IntEnum):
+    """The registry of counter-based random streams: the first counter of every :func:`step_seed`.
+
+    Each consumer of randomness draws from ``step_seed(seed, Stream.X, ...)`` with its own tag,
+    so no two consumers ever share a seed even when they are given the same ``seed`` (the
+    module, the datamodule and the callbacks usually are). The values are arbitrary but fixed:
+    changing one changes every number drawn from that stream.
+    """
+
+    TOY_DATA = 1 << 32  # toy datamodule splits: (TOY_DATA, split)
+    DATA_SPLIT = 1 << 33  # train/val split of image datasets
+    EVAL = 1 << 40  # per-sample evaluation noise of the systems: (EVAL, dataset index)
+    METRIC = 1 << 41  # metric callbacks: (METRIC, sub-stream, rank tag, dataset index)
+    ACTNORM_INIT = 1 << 42  # the auxiliary prior's data-dependent initialisation batch
+    TRAIN_STEP = 1 << 43  # training noise of optimizer step k: (TRAIN_STEP, k)
+    DROPOUT = 1 << 44  # global RNG (dropout) at step k on a rank: (DROPOUT, k, rank)
+    EPOCH_SHUFFLE = 1 << 45  # training-set permutation of epoch e: (EPOCH_SHUFFLE, e)
+
+
 def step_seed(seed: int, *counters: int) -> int:
     """A 63-bit seed derived from ``seed`` and integer counters (step, rank, ...).
 
@@ -177,3 +230,59 @@ class ShardedNoise:
 
     def rand(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
         return self._draw(torch.rand, shape, device, dtype)
+
+
+# ---------------------------------------------------------------------- recorded constructor arguments
+def plain(value: Any) -> Any:
+    """``value`` as plain config types (tuples become lists), or raise TypeError if it has none."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: plain(v) for k, v in value.items()}
+    raise TypeError(f"{type(value).__name__} is not a plain config value")
+
+
+class RecordsInitArgs:
+    """Mixin: ``self.init_args`` holds the arguments of the outermost constructor call.
+
+    Every subclass's ``__init__`` is wrapped when the class is created; the outermost call (the
+    most-derived constructor) binds its arguments to its signature, applies the defaults and
+    stores them as plain values, so ``type(obj)(**obj.init_args)`` rebuilds the object and a
+    checkpoint can hold them with ``weights_only``. Nothing is written by hand, so the record
+    cannot drift from the signature. Arguments that are not plain (an ``nn.Module`` given in
+    Python) make the object not rebuildable: ``init_args`` is then None.
+    """
+
+    init_args: dict[str, Any] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            cls.__init__ = _recording(init)
+
+
+def _recording(init: Any) -> Any:
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def recorded(self: Any, *args: Any, **kwargs: Any) -> None:
+        outermost = "_init_depth" not in self.__dict__
+        self.__dict__["_init_depth"] = True
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            if outermost:
+                del self.__dict__["_init_depth"]
+        if outermost:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(list(bound.arguments.items())[1:])
+            try:
+                self.__dict__["init_args"] = plain(arguments)
+            except TypeError:
+                self.__dict__["init_args"] = None
+
+    return recorded

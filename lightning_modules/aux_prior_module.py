@@ -7,34 +7,29 @@ likelihood and start the reverse SDE/ODE from nu, integrating only from T to eps
 samples x_T = m(T) x_0 + s(T) z are drawn fresh every step from the data and the SDE, with the
 same counter-based noise as the score model.
 
-:func:`load_aux_prior` turns a checkpoint of this module into a frozen prior for
-:class:`~lightning_modules.score_module.ScoreModule` (``prior: <path>``) or ``sample.py``,
-after checking that it was trained for the same SDE at the same T and the same data shape.
+:class:`difftime.aux_priors.AuxPriorCheckpoint` turns a checkpoint of this module into a
+frozen prior for :class:`~lightning_modules.score_module.ScoreModule` or ``sample.py``;
+:func:`difftime.priors.check_prior` checks that it was trained for the same SDE at the same T
+and the same data shape.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 import time
-from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from difftime.checkpoints import load_verified
-from difftime.aux_priors import FlowPrior, GaussianVAE
+from difftime import checks
+from difftime.aux_priors.checkpoint import checkpoint_record
 from difftime.likelihood import prior_term
+from difftime.priors import Prior
 from difftime.sde import SDE
-from difftime.utils import ConfigError, Generator, randn, step_seed
+from difftime.utils import ConfigError, Generator, Stream, randn, step_seed
 from lightning_modules.common import DiffusionSystem
-
-_INIT_STREAM = 2**41  # counter offset that keeps the ActNorm init noise apart from training and evaluation
-_REBUILDABLE = (FlowPrior, GaussianVAE)  # checkpoints may only name these classes (weights-only spirit)
-_REL_TOL = 1e-9
 
 
 class AuxPriorModule(DiffusionSystem):
@@ -56,7 +51,8 @@ class AuxPriorModule(DiffusionSystem):
     before the optimizer sees it (:class:`DiffusionSystem`). Glow's ActNorm is initialised in
     ``on_fit_start`` on a batch that is identical on every rank, so DDP replicas start equal.
     The checkpoint's hyperparameters hold plain types only, including everything
-    :func:`load_aux_prior` needs (``prior_spec``, ``sde_hparams``, ``data_shape``).
+    :class:`~difftime.aux_priors.AuxPriorCheckpoint` needs (``prior_spec``, ``sde_hparams``,
+    ``data_shape``).
 
     Args:
         prior: the auxiliary model (a :mod:`difftime.aux_priors` class), over ``data_shape``.
@@ -70,7 +66,7 @@ class AuxPriorModule(DiffusionSystem):
 
     def __init__(
         self,
-        prior: nn.Module,
+        prior: Prior,
         sde: SDE,
         data_shape: tuple[int, ...] = (2,),
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -85,14 +81,11 @@ class AuxPriorModule(DiffusionSystem):
             raise ConfigError("prior", type(prior).__name__,
                               f"a prior over samples of the data's shape {data_shape}, not {tuple(prior.event_shape)}",
                               "AuxPriorModule")
-        if n_eval_prior < 1:
-            raise ConfigError("n_eval_prior", n_eval_prior, "an integer >= 1", "AuxPriorModule")
+        self.n_eval_prior = checks.integer("n_eval_prior", n_eval_prior, "AuxPriorModule")
         self.save_plain_hyperparameters()
         self.save_hyperparameters(checkpoint_record(prior, sde, data_shape))
         self.prior, self.sde, self.data_shape = prior, sde, data_shape
         self.reference_prior = sde.prior(data_shape)
-        self.n_eval_prior = int(n_eval_prior)
-        self._stochastic = "generator" in inspect.signature(prior.log_prob).parameters
         self._data_init_done = False
         names = ("nll", "kl_prior", "kl_prior_gaussian")
         self.metrics = nn.ModuleDict({f"{s}_{n}": MeanMetric() for s in ("val", "test") for n in names})
@@ -100,7 +93,7 @@ class AuxPriorModule(DiffusionSystem):
     # ------------------------------------------------------------------ inference
     def forward(self, x: Tensor, generator: Generator = None) -> Tensor:
         """log nu(x) ``[B]`` (a lower bound for a VAE; ``generator`` feeds its draws)."""
-        return self.prior.log_prob(x, generator) if self._stochastic else self.prior.log_prob(x)
+        return self.prior.log_prob(x, generator)
 
     @torch.no_grad()
     def sample(self, n: int, generator: Generator = None, steps: int | None = None) -> tuple[Tensor, dict]:
@@ -153,7 +146,7 @@ class AuxPriorModule(DiffusionSystem):
         Dhariwal 2018, Sec. 3.1); other priors ignore this pass. Every rank passes the same
         batch with the same noise, so all ranks hold the same parameters when training starts.
         """
-        generator = torch.Generator().manual_seed(step_seed(self.seed, _INIT_STREAM))
+        generator = torch.Generator().manual_seed(step_seed(self.seed, Stream.ACTNORM_INIT))
         x0, _ = self.scaling(batch, generator)
         with self._no_autocast():
             self(self.diffuse(x0, generator), generator)
@@ -175,7 +168,7 @@ class AuxPriorModule(DiffusionSystem):
     def _data_init_from_batch(self, x_T: Tensor) -> None:
         """ActNorm init on this step's global batch of x_T, gathered so every rank sees it whole."""
         gathered = self.all_gather(x_T)
-        generator = torch.Generator().manual_seed(step_seed(self.seed, _INIT_STREAM))
+        generator = torch.Generator().manual_seed(step_seed(self.seed, Stream.ACTNORM_INIT))
         with torch.no_grad():
             self(gathered.flatten(0, 1) if gathered.ndim > x_T.ndim else gathered, generator)
         self._data_init_done = True
@@ -192,107 +185,9 @@ class AuxPriorModule(DiffusionSystem):
         x0, _ = self.scaling(batch, noise)
         with self._no_autocast():
             nll = -self(self.diffuse(x0, noise), noise)
-            kl, _ = prior_term(self.sde, _Seeded(self.prior, noise, self._stochastic), x0,
-                               n_prior=self.n_eval_prior, generator=noise)
+            kl, _ = prior_term(self.sde, self.prior, x0, n_prior=self.n_eval_prior, generator=noise)
             kl_gaussian, _ = prior_term(self.sde, self.reference_prior, x0)
         for name, value in (("nll", nll), ("kl_prior", kl), ("kl_prior_gaussian", kl_gaussian)):
             metric = self.metrics[f"{stage}_{name}"]
             metric.update(self._bpd(value))
             self.log(f"{stage}/{name}_bpd", metric, on_step=False, on_epoch=True)
-
-
-class _Seeded:
-    """A stochastic-bound prior (VAE) with its evaluation noise bound, for ``prior_term``."""
-
-    def __init__(self, prior: nn.Module, generator: Generator, stochastic: bool) -> None:
-        self.prior, self.generator, self.stochastic = prior, generator, stochastic
-        self.event_shape, self.exact = prior.event_shape, getattr(prior, "exact", True)
-
-    def log_prob(self, x: Tensor) -> Tensor:
-        return self.prior.log_prob(x, self.generator) if self.stochastic else self.prior.log_prob(x)
-
-    def sample(self, n: int, generator: Generator = None) -> Tensor:
-        return self.prior.sample(n, generator)
-
-
-# ---------------------------------------------------------------------- checkpoint record
-def prior_spec(prior: nn.Module) -> dict[str, Any] | None:
-    """``{"class_path", "init_args"}`` that rebuilds ``prior``; None without recorded init args."""
-    init_args = getattr(prior, "init_args", None)
-    if not isinstance(init_args, dict):
-        return None
-    cls = type(prior)
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(init_args)}
-
-
-def checkpoint_record(prior: nn.Module, sde: SDE, data_shape: tuple[int, ...]) -> dict[str, Any]:
-    """Plain hyperparameters that :func:`load_aux_prior` needs, whatever built the module."""
-    return {
-        "prior_spec": prior_spec(prior),
-        "sde_hparams": dict(sde.hparams()),
-        "data_shape": list(data_shape),
-        "prior_exact": bool(getattr(prior, "exact", True)),
-        "prior_bound": str(getattr(prior, "bound_name", "exact")),
-    }
-
-
-def build_prior(spec: dict[str, Any]) -> nn.Module:
-    """Instantiate a prior from its spec; only :mod:`difftime.aux_priors` classes are allowed.
-
-    A checkpoint loaded with weights_only must not be able to run arbitrary constructors, hence
-    the class check. The global RNG is left untouched (layers draw their initial weights from it).
-    """
-    module_name, _, name = str(spec["class_path"]).rpartition(".")
-    cls = getattr(importlib.import_module(module_name), name, None) if module_name else None
-    if not (isinstance(cls, type) and issubclass(cls, _REBUILDABLE)):
-        raise ValueError(f"prior class '{spec['class_path']}' is not an auxiliary prior of difftime.aux_priors")
-    with torch.random.fork_rng(devices=[]):
-        return cls(**spec.get("init_args", {}))
-
-
-# ---------------------------------------------------------------------- loading
-def describe_sde(hparams: dict[str, Any]) -> str:
-    """``VPSDE(T=0.4, eps=1e-05, beta_min=0.1, beta_max=20)`` from ``SDE.hparams()``."""
-    params = ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
-                       for k, v in hparams.items() if k != "class")
-    return f"{hparams.get('class', '?')}({params})"
-
-
-def _same_q_T(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Same SDE class and parameters; ``eps`` is ignored since q_T does not depend on it."""
-    keys_a, keys_b = set(a) - {"eps"}, set(b) - {"eps"}
-    if a.get("class") != b.get("class") or keys_a != keys_b:
-        return False
-    numeric = [k for k in keys_a if isinstance(a[k], (int, float)) and isinstance(b[k], (int, float))]
-    same = all(math.isclose(float(a[k]), float(b[k]), rel_tol=_REL_TOL, abs_tol=1e-12) for k in numeric)
-    return same and all(a[k] == b[k] for k in keys_a - set(numeric))
-
-
-def load_aux_prior(path: str, sde: SDE, data_shape: tuple[int, ...]) -> nn.Module:
-    """The frozen prior of an AuxPriorModule checkpoint, checked against the score model.
-
-    Verified weights-only load (:func:`difftime.checkpoints.load_verified`; a damaged file
-    raises :class:`~difftime.checkpoints.CorruptCheckpointError` naming it). Raises
-    ValueError naming both values when the checkpoint's SDE (class, T and its beta/sigma
-    parameters; eps does not change q_T) or data shape differ from ``sde`` / ``data_shape``.
-    Returns the prior in eval mode with ``requires_grad`` False, on the CPU.
-    """
-    checkpoint = load_verified(path)
-    hparams = checkpoint.get("hyper_parameters") or {}
-    missing = [k for k in ("prior_spec", "sde_hparams", "data_shape") if k not in hparams]
-    if missing:
-        raise ValueError(f"{path} is not an AuxPriorModule checkpoint (no {', '.join(missing)} in its hyperparameters)")
-    if not _same_q_T(hparams["sde_hparams"], sde.hparams()):
-        raise ValueError(f"auxiliary prior {path} was trained for {describe_sde(hparams['sde_hparams'])} "
-                         f"but the score model uses {describe_sde(sde.hparams())}")
-    trained_shape, shape = tuple(hparams["data_shape"]), tuple(int(d) for d in data_shape)
-    if trained_shape != shape:
-        raise ValueError(f"auxiliary prior {path} was trained on samples of shape {trained_shape} "
-                         f"but the score model's data have shape {shape}")
-    spec = hparams["prior_spec"] or hparams.get("prior")
-    if not isinstance(spec, dict) or "class_path" not in spec:
-        raise ValueError(f"auxiliary prior {path} does not record how to rebuild its prior (no prior_spec)")
-    prior = build_prior(spec)
-    state = {k[len("prior."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("prior.")}
-    prior.load_state_dict(state)
-    return prior.eval().requires_grad_(False)

@@ -20,14 +20,14 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from difftime import checks
 from difftime.data import ContinuousScaling, DataScaling
-from difftime.utils import Generator, PerSampleNoise, ShardedNoise, step_seed
+from difftime.utils import Generator, PerSampleNoise, ShardedNoise, Stream, step_seed
 
 _PLAIN = (type(None), bool, int, float, str)
-_EVAL_STREAM = 2**40  # counter offset that keeps evaluation noise apart from training steps
 
 
 def is_plain(value: Any) -> bool:
@@ -96,8 +96,8 @@ class DiffusionSystem(LightningModule):
     def step_noise(self, local_batch: int) -> ShardedNoise:
         """This step's noise source (global draws, this rank's slice); also seeds dropout."""
         step = int(self.batches_seen)
-        generator = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, step))
-        torch.manual_seed(step_seed(self.seed, step, self.global_rank, 1))  # dropout and the like
+        generator = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, Stream.TRAIN_STEP, step))
+        torch.manual_seed(step_seed(self.seed, Stream.DROPOUT, step, self.global_rank))  # dropout and the like
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.global_rank if self._trainer is not None else 0
         return ShardedNoise(generator, local_batch * world, rank * local_batch)
@@ -107,8 +107,8 @@ class DiffusionSystem(LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "sample_ids"):
             ids = datamodule.sample_ids(stage, batch_idx).tolist()
-            return PerSampleNoise([step_seed(self.seed, _EVAL_STREAM, i) for i in ids], self.device)
-        seed = step_seed(self.seed, _EVAL_STREAM, batch_idx, self.global_rank)
+            return PerSampleNoise([step_seed(self.seed, Stream.EVAL, i) for i in ids], self.device)
+        seed = step_seed(self.seed, Stream.EVAL, batch_idx, self.global_rank)
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def guard_loss(self, loss: Tensor) -> Tensor:
@@ -133,6 +133,22 @@ class DiffusionSystem(LightningModule):
                              "(another --trainer.logger.init_args.version)")
 
     # ------------------------------------------------------------------ guarded steps
+    #: why the run stopped early on numerical faults (None: it did not); train.py exits non-zero on it
+    fault_stop: str | None = None
+
+    def _stop_on_faults(self, loss_bad: bool) -> None:
+        """Stop after ``max_consecutive_skips`` faulty steps, saying why.
+
+        A silent stop with exit status 0 reads as a finished run on a cluster; the reason is
+        logged here and kept in :attr:`fault_stop` so that the entry point can fail.
+        """
+        cause = "loss" if loss_bad else "gradient norm"
+        self.fault_stop = (f"stopped after {self._consecutive_skips} consecutive steps with a non-finite {cause} "
+                           f"(max_consecutive_skips = {self.max_consecutive_skips}) at step {self.trainer.global_step}; "
+                           "the last checkpoint holds the last finite weights")
+        rank_zero_warn(f"{type(self).__name__}: {self.fault_stop}")
+        self.trainer.should_stop = True
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Detect a non-finite loss or gradient on all ranks together, before the step.
 
@@ -155,7 +171,7 @@ class DiffusionSystem(LightningModule):
             self.skipped_steps += 1
             self._consecutive_skips += 1
             if self._consecutive_skips >= self.max_consecutive_skips:
-                self.trainer.should_stop = True
+                self._stop_on_faults(loss_bad)
         elif not self._skip_this_step:
             self._consecutive_skips = 0
             self.log("train/grad_norm", norm)

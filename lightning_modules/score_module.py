@@ -17,13 +17,13 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from difftime.data import ImageScaling
+from difftime import checks
 from difftime.losses import DSMLoss
-from difftime.priors import Prior
+from difftime.priors import Prior, check_prior, describe_prior
 from difftime.samplers import EulerMaruyama, Sampler
 from difftime.score import make_score_fn
 from difftime.sde import SDE, ScoreFn
-from difftime.utils import ConfigError, Generator, PerSampleNoise
+from difftime.utils import Generator, PerSampleNoise
 from lightning_modules.common import DiffusionSystem
 
 
@@ -36,8 +36,13 @@ class ScoreModule(DiffusionSystem):
         data_shape: shape of one sample; linked from the datamodule by the CLI.
         loss: denoising score matching loss (weighting, importance sampling).
         sampler: default sampler for :meth:`sample` and the sample-grid callback.
-        prior: path of a trained auxiliary-prior checkpoint (AuxPriorModule) used as the prior
-            at T; ``None`` uses the SDE's Gaussian prior.
+        prior: the distribution at T the reverse process starts from, any
+            :class:`~difftime.priors.Prior`: ``None`` is the SDE's Gaussian prior; an auxiliary
+            prior is injected as ``{class_path: difftime.aux_priors.AuxPriorCheckpoint,
+            init_args: {path: <AuxPriorModule checkpoint>}}`` and must have been trained for
+            this SDE at this T on this data shape (:func:`difftime.priors.check_prior`). Its
+            weights are not stored in this module's checkpoints: the prior is part of the
+            evaluation, chosen by the config.
         optimizer, lr_scheduler: callables; the scheduler is stepped every optimizer step.
         ema_decay: decay of the fp32 exponential moving average of the weights (0 disables it:
             the EMA then tracks the weights exactly).
@@ -53,7 +58,7 @@ class ScoreModule(DiffusionSystem):
         data_shape: tuple[int, ...] = (2,),
         loss: DSMLoss | None = None,
         sampler: Sampler | None = None,
-        prior: str | None = None,
+        prior: Prior | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         ema_decay: float = 0.9999,
@@ -63,8 +68,7 @@ class ScoreModule(DiffusionSystem):
         compile: bool = False,
     ) -> None:
         super().__init__(optimizer, lr_scheduler, seed=seed, max_consecutive_skips=max_consecutive_skips)
-        if not 0.0 <= ema_decay < 1.0:
-            raise ConfigError("ema_decay", ema_decay, "0 <= ema_decay < 1", "ScoreModule")
+        checks.real("ema_decay", ema_decay, "ScoreModule", 0.0, 1.0, low_open=False)
         self.save_plain_hyperparameters()
         self.net, self.sde, self.data_shape = net, sde, tuple(int(d) for d in data_shape)
         if hasattr(net, "check_input_shape"):
@@ -76,17 +80,25 @@ class ScoreModule(DiffusionSystem):
             self.net.to(memory_format=torch.channels_last)
         self.ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
-        self.prior = self._build_prior(prior)
+        self.prior = prior if prior is not None else sde.prior(self.data_shape)
+        check_prior(self.prior, sde.hparams(), self.data_shape)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         if compile:
             self.net.compile()
 
-    def _build_prior(self, path: str | None) -> nn.Module:
-        if path is None:
-            return self.sde.prior(self.data_shape)
-        from lightning_modules.aux_prior_module import load_aux_prior
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The prior's weights belong to the prior's own source, not to the score model."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("prior.")}
 
-        return load_aux_prior(path, sde=self.sde, data_shape=self.data_shape)
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the configured prior: its weights (in checkpoints written before they were left
+        out) are replaced by the current prior's, so a strict load keeps what the config says."""
+        super().on_load_checkpoint(checkpoint)
+        state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("prior.")}
+        state.update({f"prior.{k}": v for k, v in self.prior.state_dict().items()})
+        checkpoint["state_dict"] = state
 
     # ------------------------------------------------------------------ inference
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
@@ -115,7 +127,7 @@ class ScoreModule(DiffusionSystem):
                                     callback=callback)
         finally:
             self.ema.train(was_training)
-        info.update(prior=type(prior).__name__, wall_time_s=time.perf_counter() - start, T=self.sde.T)
+        info.update(prior=describe_prior(prior), wall_time_s=time.perf_counter() - start, T=self.sde.T)
         return samples, info
 
     # ------------------------------------------------------------------ training
@@ -153,10 +165,9 @@ class ScoreModule(DiffusionSystem):
     def predict_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
         """``train.py predict``: samples for the indices in ``batch``, sample i from seed ``seed + i``.
 
-        Images come back as uint8 (clamped and rounded), vector data in model space.
+        Samples come back in the data's output form (``scaling.to_output``: uint8 images, clamped
+        and rounded; vector data in model space).
         """
         noise = PerSampleNoise([self.seed + int(i) for i in batch], self.device)
         samples, _ = self.sample(batch.shape[0], generator=noise)
-        if isinstance(self.scaling, ImageScaling):
-            samples = self.scaling.to_uint8(samples)
-        return {"index": batch, "samples": samples}
+        return {"index": batch, "samples": self.scaling.to_output(samples)}

@@ -1,4 +1,4 @@
-"""AuxPriorModule and load_aux_prior (Franzese et al. 2023, Sec. 3), checked against Gaussian data
+"""AuxPriorModule and AuxPriorCheckpoint (Franzese et al. 2023, Sec. 3), checked against Gaussian data
 whose diffused marginal q_T is closed form: its entropy, the prior term E KL(q(x_T | x_0) || nu)
 of the exact q_T (the mutual information I(x_0; x_T)) and of N(0, I), and the oracle score."""
 
@@ -21,12 +21,20 @@ from difftime.sde import VPSDE
 from difftime.samplers import EulerMaruyama
 from difftime.toy import Gaussian, GaussianMixture, OracleScore
 from lightning_modules import AuxPriorModule, ScoreModule
-from lightning_modules.aux_prior_module import load_aux_prior
+from difftime.aux_priors import AuxPriorCheckpoint
+from difftime.priors import check_prior
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 0.4
 MEAN, STD = [2.0, -1.5], [0.6, 0.3]
 LN2 = math.log(2.0)
+
+
+def load_aux_prior(path: str, sde: VPSDE, shape: tuple[int, ...]) -> AuxPriorCheckpoint:
+    """The prior of an AuxPriorModule checkpoint, checked as a ScoreModule checks it."""
+    prior = AuxPriorCheckpoint(path)
+    check_prior(prior, sde.hparams(), shape)
+    return prior
 
 
 def make_trainer(**kwargs) -> lightning.Trainer:
@@ -113,7 +121,7 @@ def test_oracle_score_needs_q_T_as_prior_at_short_T():
     n, errors = 4000, {}
     for name, prior in (("q_T", data.at_time(sde, T)), ("gaussian", sde.prior((2,)))):
         x, info = module.sample(n, torch.Generator().manual_seed(1), prior=prior)
-        assert info["prior"] == type(prior).__name__ and info["T"] == T
+        assert info["prior"] == {"q_T": "GaussianMixture", "gaussian": "gaussian"}[name] and info["T"] == T
         x = x.double()
         errors[name] = ((x.mean(0) - data.mean()).norm().item(),
                         (torch.cov(x.T) - data.covariance()).norm().item() / cov.norm().item())
@@ -129,7 +137,7 @@ def test_checkpoint_records_plain_hyperparameters(fitted):
     assert hp["prior_spec"] == {"class_path": "difftime.aux_priors.flows.RealNVPPrior",
                                 "init_args": {"dim": 2, "layers": 4, "hidden": 32}}
     assert hp["sde_hparams"] == {"class": "VPSDE", "T": T, "eps": 1e-3, "beta_min": 0.1, "beta_max": 20.0}
-    assert hp["data_shape"] == [2] and hp["prior_exact"] is True and hp["prior_bound"] == "exact"
+    assert hp["data_shape"] == [2] and hp["prior_exact"] is True and hp["prior_bound"] is None
 
 
 def test_loaded_prior_is_frozen_and_identical(fitted):
@@ -151,7 +159,8 @@ def test_prior_score_mismatch_names_both_values(fitted, sde, shape, fragments):
     assert str(fitted["path"]) in str(error.value)
     assert all(f in str(error.value) for f in fragments), str(error.value)
     with pytest.raises(ValueError, match="auxiliary prior"):
-        ScoreModule(MLP(dim=shape[0], hidden=8, depth=1), sde, data_shape=shape, prior=str(fitted["path"]))
+        ScoreModule(MLP(dim=shape[0], hidden=8, depth=1), sde, data_shape=shape,
+                    prior=AuxPriorCheckpoint(str(fitted["path"])))
 
 
 def test_corrupted_prior_checkpoint_names_the_file(fitted, tmp_path):
@@ -169,7 +178,7 @@ def test_score_module_samples_from_the_learned_prior(fitted):
     is optimised and the prior's weights do not move in training."""
     sde = VPSDE(T=T, eps=1e-3)
     torch.manual_seed(0)
-    module = ScoreModule(MLP(dim=2, hidden=16, depth=1), sde, data_shape=(2,), prior=str(fitted["path"]))
+    module = ScoreModule(MLP(dim=2, hidden=16, depth=1), sde, data_shape=(2,), prior=AuxPriorCheckpoint(str(fitted["path"])))
     assert not any(p.requires_grad for p in module.prior.parameters())
     optimizer = module.configure_optimizers()
     optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -178,7 +187,7 @@ def test_score_module_samples_from_the_learned_prior(fitted):
 
     start = lambda score_fn, sde, x_T, steps=None, generator=None, callback=None: (x_T, {"nfe": 0})
     x_T, info = module.sample(4000, torch.Generator().manual_seed(3), sampler=start)
-    assert info["prior"] == "RealNVPPrior"
+    assert info["prior"] == f"RealNVPPrior ({fitted['path']})"
     assert torch.equal(x_T, fitted["model"].prior.sample(4000, torch.Generator().manual_seed(3)))
     q_T = fitted["data"].at_time(sde, T)  # the learned prior's draws follow q_T, not N(0, I)
     assert torch.allclose(x_T.double().mean(0), q_T.mean(), atol=0.08)

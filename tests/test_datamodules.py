@@ -1,7 +1,7 @@
 """Datamodules: sharding equivalence across world sizes, exact resume, raw uint8 data, offline sets.
 
 Expected orders are recomputed here from the definition (the permutation drawn from
-``step_seed(seed, epoch)``, global batch k = perm[kG:(k+1)G], rank r's contiguous slice), not
+``step_seed(seed, Stream.EPOCH_SHUFFLE, epoch)``, global batch k = perm[kG:(k+1)G], rank r's contiguous slice), not
 read back from the sampler. Image files are written in the official formats (idx, CIFAR pickles)
 and must round-trip bit for bit.
 """
@@ -34,11 +34,11 @@ from datamodules import (
     ToyDataModule,
 )
 from difftime.toy import RandomMixture, Ring
-from difftime.utils import ConfigError, step_seed
+from difftime.utils import ConfigError, Stream, step_seed
 
 
 def expected_global_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    perm = torch.randperm(size, generator=torch.Generator().manual_seed(step_seed(seed, epoch))).tolist()
+    perm = torch.randperm(size, generator=torch.Generator().manual_seed(step_seed(seed, Stream.EPOCH_SHUFFLE, epoch))).tolist()
     return [perm[k * batch_size:(k + 1) * batch_size] for k in range(size // batch_size)]
 
 

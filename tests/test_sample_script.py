@@ -108,7 +108,8 @@ def runs(tmp_path_factory):
                     "--config", str(ROOT / "configs/T/0.4.yaml"), "--trainer.max_steps", "3",
                     "--model.init_args.prior.init_args.layers", "2", *FAST])
         aux = root / "runs/aux_toy_ring_realnvp/T0.4/checkpoints/last.ckpt"
-        train.main(["fit", "--config", "toy.yaml", "--model.init_args.prior", str(aux), *FAST])
+        train.main(["fit", "--config", "toy.yaml", "--model.init_args.prior", "difftime.aux_priors.AuxPriorCheckpoint",
+                    "--model.init_args.prior.path", str(aux), *FAST])
         train.main(["fit", "--config", "digits.yaml", *FAST])
     finally:
         os.chdir(cwd)
@@ -139,7 +140,7 @@ def test_run_prior_is_the_default_and_gaussian_overrides_it(runs, tmp_path):
     """The toy run was trained with the auxiliary prior: sample.py uses it unless told otherwise."""
     _, learned = run_sample(runs["toy"], tmp_path / "a", "--n", "4", "--steps", "2")
     _, gaussian = run_sample(runs["toy"], tmp_path / "b", "--n", "4", "--steps", "2", "--prior", "gaussian")
-    _, explicit = run_sample(runs["toy"], tmp_path / "c", "--n", "4", "--sampler", "heun", "--steps", "2",
+    _, explicit = run_sample(runs["toy"], tmp_path / "c", "--n", "4", "--sampler", "heun_ode", "--steps", "2",
                              "--prior", str(runs["aux"]))
     assert learned["prior"] == explicit["prior"] == f"RealNVPPrior ({runs['aux']})"
     assert gaussian["prior"] == "gaussian" and learned["T"] == 0.4 and learned["nfe"] == 3
@@ -159,8 +160,9 @@ def test_image_grid_and_uint8_array(runs, tmp_path):
     # same per-sample noise; only float rounding of the batched convolutions may differ
     assert np.abs(whole.astype(int) - parts.astype(int)).max() <= 16 and (whole != parts).mean() < 0.01
     grid = torchvision.io.decode_png(torchvision.io.read_file(str(tmp_path / "a/samples.png")))
-    assert tuple(grid.shape) == (3, 2 + 2 * 10, 2 + 3 * 10)  # 2 rows x 3 columns of 8x8 tiles, padding 2
-    tile = grid[0, 2:10, 2:10]  # the first image, grey replicated to RGB by make_grid
+    k = -(-512 // (2 + 3 * 10))  # nearest-neighbour upscaling to at least 512 px wide
+    assert tuple(grid.shape) == (3, k * (2 + 2 * 10), k * (2 + 3 * 10))  # 2 rows x 3 columns of 8x8 tiles, padding 2
+    tile = grid[0, 2 * k:10 * k:k, 2 * k:10 * k:k]  # the first image, grey replicated to RGB by make_grid
     assert torch.equal(tile, torch.from_numpy(whole[0, 0]))
 
 

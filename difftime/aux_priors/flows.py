@@ -24,7 +24,7 @@ import normflows as nf
 import torch
 from torch import Tensor, nn
 
-from difftime.utils import ConfigError, Generator, randn
+from difftime.utils import ConfigError, Generator, RecordsInitArgs, randn
 
 
 def _no_autocast(x: Tensor) -> torch.autocast:
@@ -32,7 +32,7 @@ def _no_autocast(x: Tensor) -> torch.autocast:
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
-class FlowPrior(nn.Module):
+class FlowPrior(RecordsInitArgs, nn.Module):
     """Base class: a normflows model with per-level :class:`normflows.distributions.DiagGaussian`
     bases, exposed as an exact-likelihood prior.
 
@@ -41,9 +41,7 @@ class FlowPrior(nn.Module):
     """
 
     exact: bool = True
-    bound_name: str = "exact"
-    # plain constructor arguments of the typed subclasses, so a checkpoint can rebuild the prior
-    init_args: dict | None = None
+    bound_name: str | None = None
 
     def __init__(self, event_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -119,8 +117,10 @@ class FlowPrior(nn.Module):
             return sum(base.log_prob(part) for base, part in zip(self.bases, self._split(z.to(self._dtype()))))
 
     # ------------------------------------------------------------------ prior interface
-    def log_prob(self, x: Tensor) -> Tensor:
+    def log_prob(self, x: Tensor, generator: Generator = None) -> Tensor:
         """Exact log nu(x) in nats, ``[B, *event_shape] -> [B]``, fp32 outside autocast.
+
+        ``generator`` is unused: the density is exact (the prior interface).
 
         The input is cast to the parameters' dtype, at least fp32 (a ``.double()`` module runs
         in fp64). Non-finite values (a diverged flow) are returned as they are, for the caller to skip.
@@ -206,7 +206,6 @@ class RealNVPPrior(_VectorFlowPrior):
             flows.append(nf.flows.MaskedAffineFlow(b, t, s))
         super().__init__(dim, flows)
         self.layers, self.hidden = layers, hidden
-        self.init_args = {"dim": int(dim), "layers": int(layers), "hidden": int(hidden)}
 
 
 class NeuralSplinePrior(_VectorFlowPrior):
@@ -233,8 +232,6 @@ class NeuralSplinePrior(_VectorFlowPrior):
             flows.append(nf.flows.LULinearPermute(dim))
         super().__init__(dim, flows)
         self.layers, self.hidden, self.bins, self.tail_bound = layers, hidden, bins, float(tail_bound)
-        self.init_args = {"dim": int(dim), "layers": int(layers), "hidden": int(hidden), "bins": int(bins),
-                          "tail_bound": float(tail_bound)}
 
 
 # ---------------------------------------------------------------------- Glow
@@ -285,8 +282,6 @@ class GlowPrior(FlowPrior):
         self.flow = nf.MultiscaleFlow(bases, flows, merges, class_cond=False)
         self.levels, self.blocks_per_level, self.hidden_channels = levels, blocks_per_level, hidden_channels
         self.split_mode, self.scale = split_mode, scale
-        self.init_args = {"shape": list(shape), "levels": int(levels), "blocks_per_level": int(blocks_per_level),
-                          "hidden_channels": int(hidden_channels), "split_mode": str(split_mode), "scale": bool(scale)}
 
     @staticmethod
     def _check_args(shape, levels: int, blocks: int, hidden: int, split_mode: str) -> tuple[int, int, int]:

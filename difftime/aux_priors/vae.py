@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from difftime.utils import ConfigError, Generator, randn, sum_flat
+from difftime.utils import ConfigError, Generator, RecordsInitArgs, randn, sum_flat
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -33,7 +33,7 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
     return sum_flat(-0.5 * z**2 - 0.5 * _LOG_2PI)
 
 
-class GaussianVAE(nn.Module):
+class GaussianVAE(RecordsInitArgs, nn.Module):
     """A VAE with Gaussian prior, Gaussian encoder and Gaussian decoder, as a prior over x.
 
     ``encoder(x) -> (mean, log_std)``, each ``[B, *latent_shape]``; ``decoder(z) -> mean``
@@ -43,8 +43,6 @@ class GaussianVAE(nn.Module):
     """
 
     exact: bool = False
-    # plain constructor arguments of the typed subclasses, so a checkpoint can rebuild the prior
-    init_args: dict | None = None
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, event_shape: tuple[int, ...],
                  latent_shape: tuple[int, ...], bound: Literal["elbo", "iwae"] = "iwae", k: int = 16) -> None:
@@ -197,8 +195,6 @@ class VAEPrior(GaussianVAE):
         super().__init__(_conv_encoder(c, hidden, latent_channels, downsamples),
                          _conv_decoder(c, hidden, latent_channels, downsamples),
                          (c, h, w), (latent_channels, h // f, w // f), bound, k)
-        self.init_args = {"shape": [c, h, w], "latent_channels": int(latent_channels), "hidden": int(hidden),
-                          "downsamples": int(downsamples), "bound": str(bound), "k": int(k)}
 
 
 class MLPVAEPrior(GaussianVAE):
@@ -211,5 +207,3 @@ class MLPVAEPrior(GaussianVAE):
                 raise ConfigError(key, value, f"{key} >= 1", "MLPVAEPrior")
         super().__init__(_SplitHead(_mlp([dim, hidden, hidden, 2 * latent_dim])),
                          _mlp([latent_dim, hidden, hidden, dim]), (dim,), (latent_dim,), bound, k)
-        self.init_args = {"dim": int(dim), "latent_dim": int(latent_dim), "hidden": int(hidden),
-                          "bound": str(bound), "k": int(k)}
