@@ -6,16 +6,29 @@ by ``class_path``/``init_args`` from layered YAML (``--config base.yaml --config
 What this entry point adds to LightningCLI:
 
 * Values out of range fail before any process group starts or device memory is allocated, with
-  the full config key in the message (``config key 'model.init_args.sde.init_args.T' ...``).
-* A stable run directory ``<save_dir>/<name>/<version>``: a requeued job (same command) resumes
-  automatically from the newest valid checkpoint there; ``--ckpt_path last`` does the same and,
-  with an auto-numbered logger version, continues the latest existing version instead of
-  silently starting a new one from scratch. Corrupted checkpoints are skipped with a warning.
+  the full config key in the message (``config key 'model.init_args.sde.init_args.T' ...``):
+  constructor checks, a global batch that does not divide by the devices, a non-positive
+  learning rate, an unwritable checkpoint folder, and every callback's ``check_config``.
+* ``--ckpt_path``: the file is CRC-verified and loaded weights-only before anything else, and
+  nothing named inside it is imported. The trained model (network, training SDE, data shape)
+  comes from the checkpoint; the evaluation (sampler, steps, prior, callbacks, T') comes from the
+  command line; a command-line value that contradicts the checkpoint is an error naming the key
+  and both values. (LightningCLI's own ``_parse_ckpt_path`` silently overwrote the command line.)
+* A stable run directory ``<save_dir>/<name>/<version>`` locked by one ``fit`` at a time: a
+  requeued job (same command) resumes automatically from the newest valid checkpoint there;
+  ``--ckpt_path last`` does the same and, with an auto-numbered logger version, continues the
+  latest existing version instead of silently starting a new one from scratch. Corrupt
+  checkpoints are moved aside to ``<name>.corrupt``; if every checkpoint is invalid the run
+  refuses to start unless ``--fresh_start true``. Orphan temp files are removed.
+* The training config is written once (``config.yaml``); a resumed ``fit`` and every
+  ``validate/test/predict`` write ``config-<subcommand>-<time>.yaml`` next to it, and
+  evaluations log into ``<run>/<subcommand>-<time>/`` at the checkpoint's step.
 * TensorBoard continues the same run after a resume: events after the checkpoint's step are
   purged (``purge_step``), so no step is shown twice.
 * Checkpoints are written atomically and verified before loading (SafeCheckpointIO); SLURM
   preemption is handled by the Preemption callback at a step boundary (Lightning's own SLURM
-  handler, which checkpoints inside the signal handler, is disabled).
+  handler, which checkpoints inside the signal handler, is disabled). A run stopped by
+  ``max_consecutive_skips`` exits with status 3.
 """
 
 from __future__ import annotations
@@ -23,17 +36,30 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from callbacks.checkpoint_io import SafeCheckpointIO
-from difftime.checkpoints import CorruptCheckpointError, checkpoint_step, find_resume_checkpoint, verify_checkpoint
 from callbacks.preemption import Preempted, Preemption
+from difftime.checkpoints import (CorruptCheckpointError, RunFolderLocked, RunLock, checkpoint_step, check_loadable,
+                                  load_verified, quarantine, remove_orphan_temp_files, scan_checkpoints)
 from difftime.utils import ConfigError
+
+#: init_args of each system that define the *trained* model; everything else is evaluation or
+#: optimisation and comes from the command line
+MODEL_KEYS = {"ScoreModule": ("net", "sde"), "AuxPriorModule": ("prior", "sde")}
+FAULT_EXIT = 3  # exit status of a run stopped by max_consecutive_skips
+_LOCKS: list[RunLock] = []  # released by main(), also when it raises
+_STAMP_ENV = "DIFFTIME_RUN_STAMP"  # inherited by DDP worker processes: one name for all ranks
+
+
+class CliError(RuntimeError):
+    """A problem with what the user asked for, reported as one line before any work."""
 
 
 def _find_key(config: Any, error: ConfigError, path: str = "") -> str | None:
@@ -71,18 +97,141 @@ def _latest_version(root: Path) -> str | None:
     return max(versions)[1] if versions else None
 
 
+def _stamp() -> str:
+    """Time stamp naming this invocation's config and evaluation folder (shared by all ranks)."""
+    return os.environ.setdefault(_STAMP_ENV, time.strftime("%Y%m%d-%H%M%S"))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so a checkpoint's values compare equal to the parsed config's."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _conflicts(saved: Any, given: Any, key: str) -> list[str]:
+    """Leaves where the command line contradicts the checkpoint, as one message each."""
+    if isinstance(saved, dict) and isinstance(given, dict):
+        if "class_path" in saved and saved.get("class_path") != given.get("class_path"):
+            return [f"config key '{key}.class_path' = {given.get('class_path')} on the command line, "
+                    f"{saved.get('class_path')} in the checkpoint"]
+        return [m for k in saved if k in given for m in _conflicts(saved[k], given[k], f"{key}.{k}")]
+    if _plain(saved) != _plain(given):
+        return [f"config key '{key}' = {given!r} on the command line, {saved!r} in the checkpoint"]
+    return []
+
+
+def model_conflicts(hparams: dict[str, Any], model: dict[str, Any]) -> list[str]:
+    """What the parsed ``model`` config contradicts in a checkpoint's saved hyperparameters.
+
+    Only the keys that define the trained model (:data:`MODEL_KEYS`) are compared; class paths
+    are compared as strings, never imported.
+    """
+    saved_class = str(hparams.get("_class_path") or "")
+    if saved_class and model.get("class_path") and saved_class != model["class_path"]:
+        return [f"config key 'model.class_path' = {model['class_path']} on the command line, {saved_class} in the checkpoint"]
+    init_args = model.get("init_args") or {}
+    keys = MODEL_KEYS.get(saved_class.rsplit(".", 1)[-1], ("net", "sde"))
+    return [m for k in keys if k in hparams and k in init_args
+            for m in _conflicts(hparams[k], init_args[k], f"model.init_args.{k}")]
+
+
+def _first_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(directory: Path, key: str) -> None:
+    """The folder (or the nearest existing parent it will be created in) must be writable."""
+    existing = _first_existing(Path(directory))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CliError(f"config key '{key}': the checkpoint folder {directory} cannot be created or written "
+                       f"({existing} is {'not writable' if existing.is_dir() else 'not a folder'})")
+
+
+def _is_first_process() -> bool:
+    """Rank 0 of the job (DDP workers and other SLURM tasks do not take the run lock)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+class RunConfigWriter(SaveConfigCallback):
+    """Write the resolved config of this invocation without ever replacing another.
+
+    The first ``fit`` of a run writes ``config.yaml``; a resumed ``fit`` and every
+    ``validate/test/predict`` write ``config-<subcommand>-<time>.yaml`` next to it, so the
+    training config of a run is kept (a ``predict`` config in its place made the README's
+    ``validate --config <run>/config.yaml`` fail). Evaluations log into a sub-folder of the run
+    (TensorBoard ``sub_dir``); the config still goes to the run folder itself.
+    """
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank asks
+        if trainer.is_global_zero and log_dir is not None:
+            run_dir = Path(log_dir).parent if getattr(trainer.logger, "sub_dir", None) else Path(log_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            path = self._target(run_dir, str(getattr(stage, "value", stage)))
+            with warnings.catch_warnings():  # skip_none: as LightningCLI itself saves (keeps nulls)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.parser.save(self.config, str(path), skip_none=False, overwrite=False, multifile=self.multifile)
+        self.already_saved = trainer.strategy.broadcast(True)
+
+    @staticmethod
+    def _target(run_dir: Path, stage: str) -> Path:
+        if stage == "fit" and not (run_dir / "config.yaml").exists():
+            return run_dir / "config.yaml"
+        base, n = f"config-{stage}-{_stamp()}", 0
+        path = run_dir / f"{base}.yaml"
+        while path.exists():
+            n += 1
+            path = run_dir / f"{base}-{n}.yaml"
+        return path
+
+
 class DifftimeCLI(LightningCLI):
+    run_dir: Path | None = None
+    checkpoint_step: int | None = None  # global step of the --ckpt_path checkpoint
+    checkpoint_record: dict[str, Any] | None = None  # its "difftime" entry (SDE, data shape)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.data_shape", "model.init_args.data_shape", apply_on="instantiate")
+        parser.add_argument("--fresh_start", type=bool, default=False,
+                            help="fit: when every checkpoint of the run folder is invalid, start from step 0 "
+                                 "instead of refusing (a valid checkpoint is still resumed)")
 
-    # ------------------------------------------------------------------ run directory and resume
-    def before_instantiate_classes(self) -> None:
-        if self.subcommand != "fit":
+    # ------------------------------------------------------------------ checkpoint and run directory
+    def _parse_ckpt_path(self) -> None:
+        """Replaces LightningCLI's: verify, compare, import nothing, overwrite nothing.
+
+        Runs before the classes are instantiated: the resume checkpoint of ``fit`` is chosen
+        here, and the chosen file is verified and compared with the command line.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
             return
-        config = self.config[self.subcommand]
-        run_dir = self._pin_run_dir(config)
-        if run_dir is not None:
-            self._resolve_resume(config, run_dir / "checkpoints")
+        config = self.config[subcommand]
+        self._corrupt: list[Path] = []
+        try:
+            if subcommand == "fit":
+                self.run_dir = self._pin_run_dir(config)
+                self._resolve_resume(config)
+            else:
+                self._evaluation_dir(config, subcommand)
+            ckpt = config.get("ckpt_path")
+            if ckpt and (subcommand == "fit" or ckpt not in ("last", "best", "hpc", "registry")):
+                self._apply_checkpoint(config, Path(ckpt), subcommand)
+        except (CliError, CorruptCheckpointError, FileNotFoundError) as error:
+            self._fail(error)
+
+    @staticmethod
+    def _fail(error: BaseException | str) -> None:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     def _logger_config(self, config: Any) -> Any | None:
         logger = config.trainer.get("logger")
@@ -112,28 +261,75 @@ class DifftimeCLI(LightningCLI):
         version = args.version if isinstance(args.version, str) else f"version_{args.version}"
         return root / version
 
-    def _resolve_resume(self, config: Any, ckpt_dir: Path) -> None:
+    def _evaluation_dir(self, config: Any, subcommand: str) -> None:
+        """validate/test/predict log into ``<run>/<subcommand>-<time>/``, never into the training
+        run's own event files, and no evaluation overwrites the outputs of another."""
+        logger = self._logger_config(config)
+        if logger is not None and not logger.init_args.get("sub_dir"):
+            logger.init_args.sub_dir = f"{subcommand}-{_stamp()}"
+
+    def _resolve_resume(self, config: Any) -> None:
         requested = config.get("ckpt_path")
         if requested not in (None, "last"):
-            path = Path(requested)
-            try:
-                verify_checkpoint(path)
-            except CorruptCheckpointError as error:
-                fallback = find_resume_checkpoint(path.parent)
-                if fallback is None:
-                    raise
-                warnings.warn(f"{error}; falling back to the newest valid checkpoint {fallback}", stacklevel=2)
-                config.ckpt_path = str(fallback)
+            config.ckpt_path = str(self._explicit_fit_checkpoint(Path(requested)))
             self._purge_after(config, Path(config.ckpt_path))
             return
-        found = find_resume_checkpoint(ckpt_dir)
-        if found is None:
+        if self.run_dir is None:
             config.ckpt_path = None
             return
-        print(f"train.py: resuming from {found} (newest valid checkpoint of this run; choose another "
+        ckpt_dir = self.run_dir / "checkpoints"
+        scan = scan_checkpoints(ckpt_dir)
+        for path, reason in scan.invalid:
+            warnings.warn(f"skipping unusable checkpoint {path}: {reason}", stacklevel=2)
+        self._corrupt += [path for path, _ in scan.invalid]
+        if scan.chosen is None:
+            if scan.invalid and not config.get("fresh_start"):
+                names = ", ".join(str(p) for p, _ in scan.invalid)
+                raise CliError(f"every checkpoint of the run folder {self.run_dir} is invalid ({names}); "
+                               "refusing to restart it from step 0. Pass --fresh_start true to start over "
+                               "(the invalid files are moved aside to <name>.corrupt), or choose another "
+                               "--trainer.logger.init_args.version")
+            config.ckpt_path = None
+            return
+        print(f"train.py: resuming from {scan.chosen} (newest valid checkpoint of this run; choose another "
               "--trainer.logger.init_args.version to start a new run)", file=sys.stderr)
-        config.ckpt_path = str(found)
-        self._purge_after(config, found)
+        config.ckpt_path = str(scan.chosen)
+        self._purge_after(config, scan.chosen)
+
+    def _explicit_fit_checkpoint(self, path: Path) -> Path:
+        """An explicit corrupt ``--ckpt_path`` falls back to the newest valid checkpoint *before*
+        it (lower step, same folder), never to a newer one; none: refuse."""
+        try:
+            check_loadable(path)
+            return path
+        except CorruptCheckpointError as error:
+            match = re.search(r"step=(\d+)", path.name)
+            below = int(match.group(1)) if match and path.name != "last.ckpt" else None
+            scan = scan_checkpoints(path.parent, below=below, exclude=(path,))
+            if scan.chosen is None:
+                raise CliError(f"{error}; no valid checkpoint before it in {path.parent}") from None
+            warnings.warn(f"{error}; falling back to {scan.chosen}, the newest valid checkpoint before it", stacklevel=2)
+            self._corrupt += [path] + [p for p, _ in scan.invalid]
+            return scan.chosen
+
+    def _apply_checkpoint(self, config: Any, path: Path, subcommand: str) -> None:
+        """Verify the checkpoint, and refuse a command line that contradicts its trained model."""
+        if not path.is_file():
+            raise CliError(f"--ckpt_path {path}: checkpoint not found")
+        try:
+            state = load_verified(path, mmap=True)
+        except CorruptCheckpointError as error:
+            if subcommand == "fit":
+                raise
+            before = scan_checkpoints(path.parent, exclude=(path,)).chosen
+            hint = f"; the newest other valid checkpoint there is {before}" if before else ""
+            raise CliError(f"{error}; refusing to {subcommand} it{hint}") from None
+        self.checkpoint_step = int(state.get("global_step", 0))
+        self.checkpoint_record = state.get("difftime")
+        conflicts = model_conflicts(state.get("hyper_parameters") or {}, config.model.as_dict())
+        if conflicts:
+            raise CliError(f"{'; '.join(conflicts)}. The trained model (network, training SDE, data shape) comes "
+                           f"from the checkpoint {path}: drop the override, or start a new run")
 
     def _purge_after(self, config: Any, ckpt: Path) -> None:
         """TensorBoard hides the events the interrupted run logged after the checkpoint.
@@ -147,10 +343,13 @@ class DifftimeCLI(LightningCLI):
             dict_kwargs["purge_step"] = checkpoint_step(ckpt)
             logger["dict_kwargs"] = dict_kwargs
 
-    # ------------------------------------------------------------------ instantiation
+    # ------------------------------------------------------------------ instantiation and early checks
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+            self._check_before_work()
+        except CliError as error:
+            self._fail(error)
         except Exception as raised:
             error = _config_error(raised)
             if error is None:
@@ -158,8 +357,68 @@ class DifftimeCLI(LightningCLI):
             config = self.config[self.subcommand] if self.subcommand else self.config
             key = _find_key(config.as_dict(), error)
             message = error.with_prefix(key[: -len(error.key)]) if key else error
-            print(f"train.py: error: {message}", file=sys.stderr)
-            raise SystemExit(2) from None
+            self._fail(message)
+        if self.subcommand == "fit":
+            self._take_run_folder()
+
+    def _check_before_work(self) -> None:
+        """Everything that would otherwise fail after the process group started or hours in."""
+        if self.subcommand is None:
+            return
+        config = self.config[self.subcommand]
+        world = self.trainer.num_devices * self.trainer.num_nodes
+        if self.datamodule is not None and hasattr(self.datamodule, "check_world_size"):
+            self.datamodule.check_world_size(world)
+        for callback in self.trainer.callbacks:
+            if hasattr(callback, "check_config"):
+                callback.check_config(self.trainer, self.model)
+        self._check_data_shape()
+        if self.subcommand == "fit":
+            self._check_learning_rate(config.model.as_dict())
+            self._check_checkpoint_folder(config)
+
+    def _check_data_shape(self) -> None:
+        saved = (self.checkpoint_record or {}).get("data_shape")
+        shape = getattr(self.model, "data_shape", None)
+        if saved is not None and shape is not None and list(saved) != list(shape):
+            raise CliError(f"config key 'data' gives data of shape {tuple(shape)}, the checkpoint was trained on "
+                           f"{tuple(saved)}; the data shape comes from the checkpoint")
+
+    @staticmethod
+    def _check_learning_rate(model: dict[str, Any]) -> None:
+        optimizer = (model.get("init_args") or {}).get("optimizer")
+        lr = ((optimizer or {}).get("init_args") or {}).get("lr") if isinstance(optimizer, dict) else None
+        if isinstance(lr, (int, float)) and not lr > 0:
+            raise CliError(f"config key 'model.init_args.optimizer.init_args.lr' = {lr} is invalid: allowed lr > 0")
+
+    def _check_checkpoint_folder(self, config: Any) -> None:
+        callbacks = config.trainer.get("callbacks") or []
+        for i, callback in enumerate(callbacks if isinstance(callbacks, list) else [callbacks]):
+            dirpath = (callback.get("init_args") or {}).get("dirpath") if hasattr(callback, "get") else None
+            if dirpath:
+                return check_writable(Path(dirpath), f"trainer.callbacks.{i}.init_args.dirpath")
+        logger = self._logger_config(config)
+        if logger is not None:
+            target = self.run_dir or Path(logger.init_args.get("save_dir") or ".")
+            return check_writable(target / "checkpoints" if self.run_dir else target, "trainer.logger.init_args.save_dir")
+        check_writable(Path(config.trainer.get("default_root_dir") or os.getcwd()), "trainer.default_root_dir")
+
+    def _take_run_folder(self) -> None:
+        """Lock the run folder (one fit at a time), then tidy it: corrupt files aside, temp files gone."""
+        if self.run_dir is None or not _is_first_process():
+            return
+        lock = RunLock(self.run_dir)
+        try:
+            lock.acquire()
+        except RunFolderLocked as error:
+            self._fail(error)
+        _LOCKS.append(lock)
+        ckpt_dir = (self.run_dir / "checkpoints").resolve()
+        for path in self._corrupt:
+            if path.exists() and path.resolve().parent == ckpt_dir:
+                print(f"train.py: moved the corrupt checkpoint {path} aside to {quarantine(path)}", file=sys.stderr)
+        for path in remove_orphan_temp_files(ckpt_dir):
+            print(f"train.py: removed {path}, left by an interrupted checkpoint write", file=sys.stderr)
 
     def instantiate_trainer(self, **kwargs: Any):
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
@@ -170,15 +429,41 @@ class DifftimeCLI(LightningCLI):
             plugins.append(SLURMEnvironment(auto_requeue=False))  # Preemption does it at a step boundary
         return super().instantiate_trainer(plugins=plugins, **kwargs)
 
+    # ------------------------------------------------------------------ running
+    def _at_checkpoint_step(self) -> None:
+        """Evaluate at the checkpoint's step: ``trainer.global_step`` (which names every
+        evaluation output and logged point) is otherwise 0 outside ``fit``."""
+        if self.checkpoint_step is None:
+            return
+        loop = self.trainer.fit_loop.epoch_loop
+        loop.automatic_optimization.optim_progress.optimizer.step.total.completed = self.checkpoint_step
+        loop.manual_optimization.optim_step_progress.total.completed = self.checkpoint_step
+        loop._batches_that_stepped = self.checkpoint_step
+
+    before_validate = before_test = before_predict = _at_checkpoint_step
+
+    def after_fit(self) -> None:
+        """A run stopped by ``max_consecutive_skips`` fails, so a scheduler does not read it as done."""
+        reason = getattr(self.model, "fault_stop", None)
+        if reason:
+            print(f"train.py: error: {reason}", file=sys.stderr)
+            raise SystemExit(FAULT_EXIT)
+
 
 def main(args: list[str] | None = None, run: bool = True) -> DifftimeCLI:
-    return DifftimeCLI(
-        args=args,
-        run=run,
-        trainer_defaults={"use_distributed_sampler": False, "callbacks": [Preemption()]},
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    try:
+        return DifftimeCLI(
+            args=args,
+            run=run,
+            trainer_defaults={"use_distributed_sampler": False, "callbacks": [Preemption()]},
+            save_config_callback=RunConfigWriter,
+            auto_configure_optimizers=False,
+        )
+    finally:
+        while _LOCKS:
+            _LOCKS.pop().release()
+        if _is_first_process():
+            os.environ.pop(_STAMP_ENV, None)  # the next in-process invocation gets its own time
 
 
 def cli_main() -> None:

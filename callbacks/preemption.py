@@ -79,10 +79,23 @@ class Preemption(Callback):
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)
 
+    def _absorb(self, signum: int, frame: Any) -> None:
+        """After a handled preemption: the checkpoint and the requeue are done, exit stays clean."""
+
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Restore the previous handlers, unless a preemption was handled.
+
+        Then a second SIGUSR1/SIGTERM (schedulers repeat them) arrives while the process is still
+        winding down; with ``SIG_DFL`` re-armed it would kill the process with that signal, which
+        a cluster reads as a killed job although the checkpoint and the requeue already happened.
+        Such signals are absorbed until the process exits.
+        """
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+            if self.received is not None:
+                signal.signal(signum, self._absorb)
+            else:
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
 
     @override
@@ -99,7 +112,9 @@ class Preemption(Callback):
         if float(trainer.strategy.reduce(flag, reduce_op="sum")) == 0.0:
             return
         path = self.checkpoint_path(trainer)
-        trainer.save_checkpoint(path)  # collective: every rank takes part
+        # collective: every rank takes part. A full checkpoint (optimizer, loops, callbacks) for an
+        # exact resume: weights_only=False said explicitly, or Lightning logs that it defaulted to it
+        trainer.save_checkpoint(path, weights_only=False)
         rank_zero_info(f"Preemption: signal received, checkpoint written to {path}")
         if trainer.is_global_zero and self.requeue:
             self._requeue()

@@ -137,13 +137,22 @@ class DiffusionDataModule(LightningDataModule):
         """(world size, global rank) from the attached Trainer, else (1, 0); checks divisibility."""
         trainer = self.trainer
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        owner = type(self).__name__
-        check_world(self.batch_size, world_size, rank, owner)
-        try:
-            check_world(self.eval_batch_size, world_size, rank, owner)
-        except ConfigError as error:
-            raise ConfigError("eval_batch_size", error.value, error.allowed, owner) from None
+        self.check_world_size(world_size, rank)
         return world_size, rank
+
+    def check_world_size(self, world_size: int, rank: int = 0) -> None:
+        """Both global batches must divide by the number of processes.
+
+        train.py calls this with ``devices x num_nodes`` before any process group starts, so a
+        bad batch fails once, with its key, instead of in every rank after DDP is up.
+        """
+        owner = type(self).__name__
+        for key, value in (("batch_size", self.batch_size), ("eval_batch_size", self.eval_batch_size)):
+            try:
+                check_world(value, world_size, rank, owner)
+            except ConfigError as error:
+                allowed = error.allowed if world_size == 1 else f"{error.allowed} (trainer.devices x trainer.num_nodes)"
+                raise ConfigError(key, error.value, allowed, owner) from None
 
     def _loader(self, cls: type[DataLoader], dataset: Dataset, sampler: Any, batch_size: int,
                 persistent: bool) -> DataLoader:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tempfile
 import warnings
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,16 +70,20 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         os.close(dir_fd)
 
 
-def load_verified(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Verify, then ``torch.load(..., weights_only=True)``; errors name the file."""
+def load_verified(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Verify, then ``torch.load(..., weights_only=True)``; errors name the file.
+
+    ``mmap=True`` maps the tensors instead of reading them (cheap when only metadata is needed).
+    """
     verify_checkpoint(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:
         raise CorruptCheckpointError(f"checkpoint {path} could not be loaded with weights_only=True: {error}") from error
 
 
 _STEP = re.compile(r"step=(\d+)")
+_TEMP_GLOB = ".*.tmp"  # the names atomic_torch_save stages under
 
 
 def checkpoint_step(path: Path) -> int:
@@ -89,24 +95,186 @@ def checkpoint_step(path: Path) -> int:
     return int(state.get("global_step", -1))
 
 
+def check_loadable(path: str | os.PathLike) -> int:
+    """Verify the CRCs *and* that ``weights_only`` accepts the pickle; return the global step.
+
+    A valid zip whose pickle names a class outside the weights-only allowlist would pass the CRC
+    check and then abort the resume at load time, so it counts as corrupt here.
+    """
+    verify_checkpoint(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # pickle.UnpicklingError, RuntimeError from torch's reader
+        raise CorruptCheckpointError(f"checkpoint {path} is refused by weights_only loading ({error})") from error
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"checkpoint {path} does not hold a checkpoint dictionary")
+    return int(state.get("global_step", -1))
+
+
+@dataclass
+class CheckpointScan:
+    """What a checkpoint folder holds: the chosen checkpoint and the invalid files seen before it."""
+
+    chosen: Path | None = None
+    step: int = -1
+    invalid: list[tuple[Path, str]] = field(default_factory=list)
+    candidates: int = 0
+
+
+def _claimed_step(path: Path) -> int | str:
+    """The step a file claims (by name, else from its pickle header), or why it is unreadable."""
+    try:
+        return checkpoint_step(path)
+    except Exception as error:  # truncated zip, refused pickle: no need to read the rest
+        return f"checkpoint {path} is unreadable ({type(error).__name__}: {error})"
+
+
+def scan_checkpoints(directory: str | os.PathLike, below: int | None = None,
+                     exclude: tuple[Path, ...] = ()) -> CheckpointScan:
+    """Newest checkpoint of ``directory`` that passes :func:`check_loadable`, by global step.
+
+    Files are tried newest first (by the step they claim; ``last.ckpt`` loses ties to the named
+    file of the same step) and only until one passes, so a folder of large checkpoints is not
+    read in full. ``below`` keeps only steps smaller than it (the fallback for an explicit
+    corrupt ``--ckpt_path``: the checkpoint before it, never a newer one).
+    """
+    directory, scan = Path(directory), CheckpointScan()
+    if not directory.is_dir():
+        return scan
+    paths = [p for p in directory.glob("*.ckpt") if p.is_file() and p not in exclude]
+    claims = {p: _claimed_step(p) for p in paths}
+    scan.invalid += [(p, claim) for p, claim in claims.items() if isinstance(claim, str)]
+    order = sorted(((c, int(p.name != "last.ckpt"), p) for p, c in claims.items() if isinstance(c, int)), reverse=True)
+    for claimed, _, path in order:
+        if below is not None and claimed >= below:
+            continue
+        scan.candidates += 1
+        try:
+            step = check_loadable(path)
+        except (CorruptCheckpointError, OSError, EOFError) as error:
+            scan.invalid.append((path, str(error)))
+            continue
+        if below is None or step < below:
+            scan.chosen, scan.step = path, step
+            return scan
+    return scan
+
+
 def find_resume_checkpoint(directory: str | os.PathLike) -> Path | None:
     """Newest valid checkpoint in ``directory`` by global step (never an older one by mtime).
 
-    Corrupted or truncated files are skipped with a warning that names them; ``None`` only
-    when no valid checkpoint exists.
+    Corrupted, truncated or weights-only-refused files are skipped with a warning that names
+    them; ``None`` only when no valid checkpoint exists.
+    """
+    scan = scan_checkpoints(directory)
+    for path, reason in scan.invalid:
+        warnings.warn(f"skipping unusable checkpoint {path}: {reason}", stacklevel=2)
+    return scan.chosen
+
+
+def quarantine(path: str | os.PathLike) -> Path:
+    """Move a corrupt checkpoint aside to ``<name>.corrupt`` (``.corrupt.1``, ... if taken).
+
+    Left in place, a corrupt ``last.ckpt`` makes Lightning write ``last-v1.ckpt`` next to it and
+    every later ``--ckpt_path .../last.ckpt`` hits the damaged file again.
+    """
+    path = Path(path)
+    target, n = path.with_name(path.name + ".corrupt"), 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt.{n}")
+    os.replace(path, target)
+    return target
+
+
+def remove_orphan_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete temp files left by writes killed mid-way (each as large as a checkpoint).
+
+    Only call this while holding the run folder's lock: a live writer's temp file looks the same.
     """
     directory = Path(directory)
     if not directory.is_dir():
-        return None
-    candidates: list[tuple[int, int, Path]] = []
-    for path in directory.glob("*.ckpt"):
+        return []
+    removed = [p for p in directory.glob(_TEMP_GLOB) if p.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+# ---------------------------------------------------------------------- run-folder lock
+class RunFolderLocked(RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """Exclusive lock on a run folder: ``<run>/.lock`` holding ``pid``, ``host`` and SLURM job id.
+
+    Two ``fit``s on one folder would interleave their checkpoints and configs. The file is
+    created with ``O_EXCL`` (atomic). A lock is stale, and is taken over, when it was written on
+    this host by a process that no longer exists, by this very process, or by the same SLURM job
+    (a requeued job keeps its id and cannot run twice); a lock of a live process, or of another
+    host outside that job, is refused with both owners named.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self.held = False
+
+    @staticmethod
+    def _owner() -> dict[str, str]:
+        return {"pid": str(os.getpid()), "host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID", "")}
+
+    def _read(self) -> dict[str, str]:
         try:
-            verify_checkpoint(path)
-            step = checkpoint_step(path)
-        except (CorruptCheckpointError, RuntimeError, OSError, EOFError) as error:
-            warnings.warn(f"skipping unusable checkpoint {path}: {error}", stacklevel=2)
-            continue
-        candidates.append((step, int(path.name != "last.ckpt"), path))
-    if not candidates:
-        return None
-    return max(candidates)[2]
+            lines = self.path.read_text().splitlines()
+        except OSError:
+            return {}
+        return dict(line.split("=", 1) for line in lines if "=" in line)
+
+    def _stale(self, owner: dict[str, str]) -> bool:
+        me = self._owner()
+        if owner.get("slurm_job") and owner.get("slurm_job") == me["slurm_job"]:
+            return True
+        if owner.get("host") != me["host"]:
+            return False
+        pid = owner.get("pid", "")
+        return not pid.isdigit() or pid == me["pid"] or not _pid_alive(int(pid))
+
+    def acquire(self) -> None:
+        """Take the lock, replacing a stale one; raise :class:`RunFolderLocked` otherwise."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(f"{k}={v}\n" for k, v in self._owner().items())
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._read()
+                if not self._stale(owner):
+                    raise RunFolderLocked(
+                        f"run folder {self.path.parent} is in use by pid {owner.get('pid', '?')} on host "
+                        f"{owner.get('host', '?')} (lock file {self.path}); wait for that run to end, choose "
+                        "another --trainer.logger.init_args.version, or delete the lock file if that process "
+                        "is gone") from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            self.held = True
+            return
+        raise RunFolderLocked(f"could not take the lock {self.path}: it keeps being re-created")
+
+    def release(self) -> None:
+        """Remove the lock if this process still owns it."""
+        if self.held and self._read().get("pid") == str(os.getpid()):
+            self.path.unlink(missing_ok=True)
+        self.held = False

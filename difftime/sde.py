@@ -236,7 +236,12 @@ class VESDE(SDE):
     sigma(t) = sigma_min (sigma_max / sigma_min)^t, m(t) = 1,
     s(t)^2 = sigma(t)^2 - sigma(0)^2 (the exact transition variance from x_0 at t = 0).
     Prior N(0, (sigma(T)^2 - sigma(0)^2) I).
+
+    ``sigma_max`` is the noise scale *at t = 1*; beyond it the geometric schedule keeps growing
+    (T = 5 gives a prior std of 50 * 5000^4 ~ 3e16), so T is limited to 1 like VP's.
     """
+
+    max_T = 1.0
 
     def __init__(self, T: float = 1.0, eps: float = 1e-5, sigma_min: float = 0.01,
                  sigma_max: float = 50.0) -> None:

@@ -57,3 +57,42 @@ def make_nan_mlp(nan_calls: set[int]):
             return out
 
     return NaNMLP
+
+
+def _mlp_base():
+    from difftime.networks import MLP
+
+    return MLP
+
+
+class NaNFromMLP(_mlp_base()):
+    """An MLP whose training forward is NaN from call ``nan_from`` on (a config-level fault)."""
+
+    def __init__(self, dim: int = 2, hidden: int = 16, depth: int = 1, nan_from: int = 1) -> None:
+        super().__init__(dim=dim, hidden=hidden, depth=depth)
+        self.calls, self.nan_from = 0, nan_from
+
+    def forward(self, x, t):
+        out = super().forward(x, t)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.nan_from:
+                out = out * float("nan")
+        return out
+
+
+class CheckedCallback(Callback):
+    """A callback whose ``check_config`` refuses ``limit`` above the model's T (like KLGap's T_grid)."""
+
+    def __init__(self, limit: float = 0.5) -> None:
+        self.limit = limit
+        self.fitted = False
+
+    def check_config(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from difftime.utils import ConfigError
+
+        if self.limit > pl_module.sde.T:
+            raise ConfigError("limit", self.limit, f"<= T = {pl_module.sde.T:g}", type(self).__name__)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.fitted = True

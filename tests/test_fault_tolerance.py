@@ -392,15 +392,18 @@ def test_bf16_mixed_fit_keeps_fp32_weights_and_ema(tmp_path):
     assert int(module.skipped_steps) == 0
 
 
-def test_resuming_a_run_with_another_T_is_refused(tmp_path, monkeypatch):
+def test_resuming_a_run_with_another_T_is_refused(tmp_path, monkeypatch, capsys):
+    """Refused before any work (issue 10: no longer at fit start), naming the key and both values."""
     import train
 
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, TOY, max_steps=2)
     train.main(args=["fit", "--config", str(config)])
-    with pytest.raises(ValueError, match=r"trained with VPSDE\(T=0.6.*config gives VPSDE\(T=0.4"):
+    with pytest.raises(SystemExit) as stop:
         train.main(args=["fit", "--config", str(config), "--model.init_args.sde.init_args.T=0.4",
                          "--trainer.max_steps=4"])
+    assert stop.value.code == 2
+    assert "'model.init_args.sde.init_args.T' = 0.4 on the command line, 0.6 in the checkpoint" in capsys.readouterr().err
 
 
 def test_fp16_overflow_steps_are_left_to_the_grad_scaler(tmp_path):

@@ -388,3 +388,28 @@ def test_bits_per_dim_of_uniform_model_is_eight():
     dim = 48
     log_prob_uniform = torch.full((5,), -dim * math.log(2.0))  # density 2^-D on [-1, 1]^D
     assert torch.allclose(bits_per_dim(log_prob_uniform, log_det, dim), torch.full((5,), 8.0), atol=1e-5)
+
+
+class TimeRecordingScore:
+    """Oracle score that records every time it is evaluated at."""
+
+    def __init__(self, score_fn) -> None:
+        self.score_fn, self.times = score_fn, []
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.times.append(float(t.max()))
+        return self.score_fn(x, t)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3"])
+def test_ode_likelihood_never_evaluates_the_score_beyond_T(method):
+    """Regression (issue 10, defect 12): torchdiffeq stepped past T and interpolated back, so
+    the score was evaluated at t up to 1.5 for T = 1, where a trained network extrapolates."""
+    sde, data = VPSDE(T=1.0, eps=1e-5), RandomMixture(dim=2, n_components=3, seed=1)
+    x = data.sample(8, seeded(0))
+    score = TimeRecordingScore(OracleScore(data, sde).score)
+    out = ode_log_likelihood(score, sde, data.at_time(sde, sde.T), x, method=method, n_probes=2,
+                             generator=BalancedProbes([[1, 1], [1, -1]]))  # exact trace in 2-D
+    assert len(score.times) == out.nfe > 10
+    assert max(score.times) <= sde.T and min(score.times) >= sde.eps * (1 - 1e-6)  # fp32 eps
+    assert torch.allclose(out.log_prob, data.at_time(sde, sde.eps).log_prob(x).float(), atol=2e-3)
