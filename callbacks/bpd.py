@@ -51,9 +51,10 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from callbacks.contract import ScoreSystem, is_due
+from difftime import checks
 from difftime.data import bits_per_dim
 from difftime.likelihood import ElboTerms, elbo, ode_log_likelihood
-from difftime.utils import ConfigError, PerSampleNoise, Stream, step_seed
+from difftime.utils import PerSampleNoise, Stream, step_seed
 
 DEQUANTIZE, ODE_PROBES = 0, 1  # sub-streams: dequantization then the ELBO draws; Hutchinson probes
 
@@ -96,11 +97,6 @@ class PerSampleMoments(Metric):
         self.update({name: torch.zeros(0, device=device) for name in self.names})
 
 
-def check_limit(key: str, value: int | None, owner: str) -> None:
-    if value is not None and not (isinstance(value, int) and value >= 1):
-        raise ConfigError(key, value, "an integer >= 1 or null", owner)
-
-
 @contextmanager
 def evaluating(module: torch.nn.Module) -> Iterator[None]:
     """Every submodule in eval mode inside, each one's own mode restored after."""
@@ -126,10 +122,9 @@ class EvalSetCallback(Callback):
     owner = "EvalSetCallback"
 
     def __init__(self, every_n_validations: int = 1, max_samples: int | None = None, seed: int = 0) -> None:
-        if not (isinstance(every_n_validations, int) and every_n_validations >= 1):
-            raise ConfigError("every_n_validations", every_n_validations, "an integer >= 1", self.owner)
-        check_limit("max_samples", max_samples, self.owner)
-        self.every_n_validations, self.max_samples, self.seed = every_n_validations, max_samples, int(seed)
+        self.every_n_validations = checks.integer("every_n_validations", every_n_validations, self.owner)
+        self.max_samples = checks.integer("max_samples", max_samples, self.owner, optional=True)
+        self.seed = int(seed)
         self.validations = 0  # validation loops run during fit (sanity check excluded)
         self._active: dict[str, bool] = {}
         self._seen: dict[str, int] = {}
@@ -289,15 +284,13 @@ class BitsPerDim(EvalSetCallback):
                  ode_max_samples: int | None = 128, ode_rtol: float = 1e-5, ode_atol: float = 1e-5,
                  ode_method: str = "dopri5", ode_probes: int = 1, seed: int = 0, use_ema: bool = True) -> None:
         super().__init__(every_n_validations, max_samples, seed)
-        for key, value in (("n_t", n_t), ("n_prior", n_prior), ("ode_every_n_validations", ode_every_n_validations),
-                           ("ode_probes", ode_probes)):
-            if not (isinstance(value, int) and value >= 1):
-                raise ConfigError(key, value, "an integer >= 1", self.owner)
-        check_limit("ode_max_samples", ode_max_samples, self.owner)
-        if not (ode_rtol > 0 and ode_atol > 0):
-            raise ConfigError("ode_rtol", (ode_rtol, ode_atol), "ode_rtol > 0 and ode_atol > 0", self.owner)
-        self.n_t, self.n_prior, self.ode = n_t, n_prior, bool(ode)
-        self.ode_every_n_validations = ode_every_n_validations
+        owner = self.owner
+        self.n_t, self.n_prior = checks.integer("n_t", n_t, owner), checks.integer("n_prior", n_prior, owner)
+        self.ode = bool(ode)
+        self.ode_every_n_validations = checks.integer("ode_every_n_validations", ode_every_n_validations, owner)
+        ode_probes = checks.integer("ode_probes", ode_probes, owner)
+        ode_max_samples = checks.integer("ode_max_samples", ode_max_samples, owner, optional=True)
+        ode_rtol, ode_atol = checks.real("ode_rtol", ode_rtol, owner), checks.real("ode_atol", ode_atol, owner)
         self.ode_max_samples, self.ode_probes = ode_max_samples, ode_probes
         self.ode_solver = {"rtol": float(ode_rtol), "atol": float(ode_atol), "method": ode_method}
         self.use_ema = bool(use_ema)

@@ -48,8 +48,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.image.fid import FrechetInceptionDistance
 from typing_extensions import override
 
-from callbacks.contract import ScoreSystem, is_due
+from callbacks.contract import SampleSource, is_due
 from callbacks.distributed import generate_shard
+from difftime import checks
 from difftime.utils import ConfigError, shard_range
 
 _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
@@ -191,29 +192,19 @@ class FID(Callback):
                  antialias: bool = False, reference_split: Literal["train", "val", "test"] = "train",
                  num_reference: int | None = None, cache_dir: str | None = "~/.cache/difftime/fid",
                  name: str = "fid") -> None:
-        for key, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
-            if value is not None and value < 1:
-                raise ConfigError(key, value, "an integer >= 1 or null", "FID")
-        if num_samples < 2:
-            raise ConfigError("num_samples", num_samples, "an integer >= 2", "FID")
-        if batch_size < 1:
-            raise ConfigError("batch_size", batch_size, "an integer >= 1", "FID")
-        if num_reference is not None and num_reference < 2:
-            raise ConfigError("num_reference", num_reference, "an integer >= 2 or null", "FID")
-        if reference_split not in ("train", "val", "test"):
-            raise ConfigError("reference_split", reference_split, "one of train, val, test", "FID")
-        if inception_weights is not None and feature_extractor is not None:
-            raise ConfigError("inception_weights", inception_weights, "null when feature_extractor is given", "FID")
-        if inception_weights is not None and not Path(inception_weights).expanduser().is_file():
-            raise ConfigError("inception_weights", inception_weights,
-                              "an existing file (make one offline with scripts/convert_inception.py)", "FID")
+        self.every_n_epochs = checks.integer("every_n_epochs", every_n_epochs, "FID", optional=True)
+        self.every_n_steps = checks.integer("every_n_steps", every_n_steps, "FID", optional=True)
+        self.num_samples = checks.integer("num_samples", num_samples, "FID", minimum=2)
+        self.batch_size = checks.integer("batch_size", batch_size, "FID")
+        self.num_reference = checks.integer("num_reference", num_reference, "FID", minimum=2, optional=True)
+        self.steps = checks.integer("steps", steps, "FID", optional=True)
+        self.reference_split = checks.choice("reference_split", reference_split, ("train", "val", "test"), "FID")
+        self._check_sources(feature_extractor, inception_weights)
         if not name or not name.replace("_", "").isalnum():
             raise ConfigError("name", name, "a non-empty name of letters, digits and underscores", "FID")
-        self.every_n_epochs, self.every_n_steps, self.name = every_n_epochs, every_n_steps, name
-        self.num_samples, self.batch_size, self.seed, self.steps = int(num_samples), int(batch_size), int(seed), steps
+        self.name, self.seed = name, int(seed)
         self.feature_extractor, self.antialias = feature_extractor, bool(antialias)
         self.inception_weights = str(Path(inception_weights).expanduser()) if inception_weights else None
-        self.reference_split, self.num_reference = reference_split, num_reference
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.metric: FrechetDistance | None = None
         self.extractor_id = ""
@@ -222,6 +213,14 @@ class FID(Callback):
         self.last_record: dict[str, Any] | None = None
         self._reference_ready, self._last_step = False, -1
 
+    @staticmethod
+    def _check_sources(feature_extractor: nn.Module | None, inception_weights: str | None) -> None:
+        if inception_weights is not None and feature_extractor is not None:
+            raise ConfigError("inception_weights", inception_weights, "null when feature_extractor is given", "FID")
+        if inception_weights is not None and not Path(inception_weights).expanduser().is_file():
+            raise ConfigError("inception_weights", inception_weights,
+                              "an existing file (make one offline with scripts/convert_inception.py)", "FID")
+
     @property
     @override
     def state_key(self) -> str:
@@ -229,19 +228,19 @@ class FID(Callback):
 
     # ------------------------------------------------------------------ hooks
     @override
-    def setup(self, trainer: Trainer, pl_module: ScoreSystem, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: SampleSource, stage: str) -> None:
         shape = tuple(pl_module.data_shape)
         if len(shape) != 3 or shape[0] not in (1, 3):
             raise ValueError(f"FID needs images of shape [1 or 3, H, W]; the module's data_shape is {shape}")
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: ScoreSystem, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: SampleSource, *args: Any) -> None:
         step = trainer.global_step
         if is_due(step, self.every_n_steps, self._last_step):
             self.evaluate(trainer, pl_module, "val", in_train_loop=True)
 
     @override
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: ScoreSystem) -> None:
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: SampleSource) -> None:
         if trainer.sanity_checking:
             return
         if trainer.state.fn != "fit":
@@ -250,11 +249,11 @@ class FID(Callback):
             self.evaluate(trainer, pl_module, "val")
 
     @override
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: ScoreSystem) -> None:
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: SampleSource) -> None:
         self.evaluate(trainer, pl_module, "test")
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, trainer: Trainer, pl_module: ScoreSystem, stage: str, in_train_loop: bool = False) -> float:
+    def evaluate(self, trainer: Trainer, pl_module: SampleSource, stage: str, in_train_loop: bool = False) -> float:
         """Generate, extract, reduce across ranks, log; returns the FID (a collective).
 
         ``in_train_loop``: called from a training-batch hook, where ``pl_module.log`` would reach
@@ -280,7 +279,7 @@ class FID(Callback):
         self._log(trainer, pl_module, stage, record, in_train_loop)
         return value
 
-    def prepare(self, trainer: Trainer, pl_module: ScoreSystem) -> FrechetDistance:
+    def prepare(self, trainer: Trainer, pl_module: SampleSource) -> FrechetDistance:
         """The metric on the module's device, holding the reference statistics (built once)."""
         if self.metric is None:
             self.metric = self._build_metric(pl_module.data_shape)
@@ -316,7 +315,7 @@ class FID(Callback):
         with torch.autocast(device_type=images.device.type, enabled=False):
             metric.update(images.contiguous(), real=real)
 
-    def _update_generated(self, trainer: Trainer, pl_module: ScoreSystem,
+    def _update_generated(self, trainer: Trainer, pl_module: SampleSource,
                           metric: FrechetDistance) -> tuple[dict, float, int]:
         """This rank's block of samples ``seed + i``; returns the last info, sum of NFE x batch, count."""
         indices = shard_range(self.num_samples, trainer.global_rank, trainer.world_size)
@@ -345,7 +344,7 @@ class FID(Callback):
             return torch.arange(size)
         return torch.randperm(size, generator=torch.Generator().manual_seed(0))[: self.num_reference].sort().values
 
-    def _reference_meta(self, trainer: Trainer, pl_module: ScoreSystem, dataset: Dataset,
+    def _reference_meta(self, trainer: Trainer, pl_module: SampleSource, dataset: Dataset,
                         chosen: Tensor) -> dict[str, Any]:
         """Everything the cached statistics depend on; its hash names the cache file."""
         probe = hashlib.sha256()
@@ -367,7 +366,7 @@ class FID(Callback):
         aa = {True: "aa1", False: "aa0", None: "custom"}[meta["antialias"]]
         return self.cache_dir / f"{meta['dataset']}-{meta['split']}-n{meta['num_images']}-{aa}-{key}.pt"
 
-    def _prepare_reference(self, trainer: Trainer, pl_module: ScoreSystem) -> None:
+    def _prepare_reference(self, trainer: Trainer, pl_module: SampleSource) -> None:
         """Rank zero loads cached totals (others keep zeros), or all ranks compute their shard."""
         dataset = self._reference_dataset(trainer)
         chosen = self._reference_indices(len(dataset))
@@ -389,7 +388,7 @@ class FID(Callback):
         if trainer.is_global_zero and path is not None:
             _save_cache(path, totals, meta)
 
-    def _update_reference(self, trainer: Trainer, pl_module: ScoreSystem, dataset: Dataset,
+    def _update_reference(self, trainer: Trainer, pl_module: SampleSource, dataset: Dataset,
                           chosen: Tensor) -> None:
         mine = chosen[_as_slice(shard_range(len(chosen), trainer.global_rank, trainer.world_size))]
         loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=self.batch_size, shuffle=False)
@@ -401,19 +400,18 @@ class FID(Callback):
             self._update(self.metric, pl_module.scaling.to_uint8(centres), real=True)
 
     # ------------------------------------------------------------------ reporting
-    def _record(self, trainer: Trainer, pl_module: ScoreSystem, stage: str, value: float, info: dict,
+    def _record(self, trainer: Trainer, pl_module: SampleSource, stage: str, value: float, info: dict,
                 totals: Tensor, wall_time: float) -> dict[str, Any]:
         nfe_total, count = (float(x) for x in totals.cpu())
         return {"name": self.name, "stage": stage, "fid": value, "num_samples": int(count),
                 "nfe": nfe_total / max(count, 1.0), "extractor": self.extractor_id, "antialias": self._antialias_field(),
                 "step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
-                "prior": str(info.get("prior", type(pl_module.prior).__name__)),
-                "sampler": repr(pl_module.sampler), "sampler_steps": self.steps,
+                "prior": str(info.get("prior")), "sampler": info.get("sampler"), "sampler_steps": self.steps,
                 "T": _plain(info.get("T")), "seed": self.seed, "world_size": int(trainer.world_size),
                 "reference": {**self.reference_meta, "source": self.reference_source},
                 "wall_time_s": wall_time}
 
-    def _log(self, trainer: Trainer, pl_module: ScoreSystem, stage: str, record: dict[str, Any],
+    def _log(self, trainer: Trainer, pl_module: SampleSource, stage: str, record: dict[str, Any],
              in_train_loop: bool) -> None:
         self.last_record = record
         antialias = {True: 1.0, False: 0.0, None: -1.0}[record["antialias"]]

@@ -43,6 +43,7 @@ from typing_extensions import override
 
 from callbacks.bpd import DEQUANTIZE, EvalSetCallback, PerSampleMoments, elbo_bits, log_values
 from callbacks.contract import ScoreSystem
+from difftime import checks
 from difftime.likelihood import ElboTerms, prior_term, truncated_elbo
 from difftime.priors import GaussianPrior
 from difftime.utils import ConfigError
@@ -90,12 +91,11 @@ class KLGap(EvalSetCallback):
                  max_samples: int | None = 500, n_t: int = 4, n_prior: int = 1, seed: int = 0,
                  use_ema: bool = True) -> None:
         super().__init__(every_n_validations, max_samples, seed)
-        for key, value in (("n_grid", n_grid), ("n_t", n_t), ("n_prior", n_prior)):
-            if not (isinstance(value, int) and value >= 1):
-                raise ConfigError(key, value, "an integer >= 1", self.owner)
+        self.n_grid, self.n_t = checks.integer("n_grid", n_grid, self.owner), checks.integer("n_t", n_t, self.owner)
+        self.n_prior = checks.integer("n_prior", n_prior, self.owner)
         if T_grid is not None and (not T_grid or min(T_grid) <= 0):
             raise ConfigError("T_grid", T_grid, "a non-empty list of positive times, or null", self.owner)
-        self.T_grid, self.n_grid, self.n_t, self.n_prior = T_grid, n_grid, n_t, n_prior
+        self.T_grid = T_grid
         self.use_ema = bool(use_ema)
         self.grid: list[float] = []
         self.aux = False
