@@ -63,3 +63,17 @@ def test_registry_and_config_checks():
         LogSNR()(VPSDE(), 0)
     assert err.value.key == "steps"
     assert math.isclose(schedules.KarrasRho().rho, 7.0)
+
+
+def test_schedule_is_injectable_by_class_path():
+    """LightningCLI-style injection: ``schedule: {class_path: difftime.schedules.KarrasRho, init_args: ...}``."""
+    from jsonargparse import ArgumentParser
+
+    from difftime.samplers import Sampler
+
+    parser = ArgumentParser()
+    parser.add_argument("--sampler", type=Sampler)
+    config = parser.parse_object({"sampler": {"class_path": "difftime.samplers.DPMSolverPP", "init_args": {
+        "steps": 12, "schedule": {"class_path": "difftime.schedules.KarrasRho", "init_args": {"rho": 5.0}}}}})
+    sampler = parser.instantiate(config).sampler
+    assert sampler.steps == 12 and sampler.schedule == KarrasRho(rho=5.0)
