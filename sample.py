@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="ScoreModule checkpoint (default: <config dir>/checkpoints/last.ckpt)")
     parser.add_argument("--prior", default=None,
                         help="'gaussian' or an AuxPriorModule checkpoint (default: the run's prior)")
+    parser.add_argument("--eval_T", type=float, default=None,
+                        help="post-hoc truncation: start the reverse process at T' (eps < T' <= the run's T) "
+                             "instead of T; the prior must then be Gaussian or trained at exactly T'")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
                         help="default: the sampler of the config")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's own)")
@@ -84,11 +87,12 @@ def check_out(out: Path) -> None:
 
 
 # ---------------------------------------------------------------------- model
-def run_config(path: str | Path, prior: str | None = None) -> dict[str, Any]:
+def run_config(path: str | Path, prior: str | None = None, eval_T: float | None = None) -> dict[str, Any]:
     """The model/data part of a saved run config, with a bare CPU trainer.
 
     ``prior`` replaces the run's prior: ``"gaussian"`` (the SDE's own) or the path of an
-    AuxPriorModule checkpoint; None keeps the run's. The score model checks it (SDE, T, shape).
+    AuxPriorModule checkpoint; None keeps the run's. ``eval_T`` sets the post-hoc truncation T'.
+    The score model checks both (eps < T' <= T; the prior's SDE, T' and shape).
     """
     try:
         with open(path) as handle:
@@ -103,6 +107,8 @@ def run_config(path: str | Path, prior: str | None = None) -> dict[str, Any]:
         init_args["prior"] = None
     elif prior is not None:
         init_args["prior"] = {"class_path": _AUX, "init_args": {"path": str(prior)}}
+    if eval_T is not None:
+        init_args["eval_T"] = float(eval_T)
     config = {k: v for k, v in saved.items() if k in _CONFIG_KEYS}
     config["model"] = {"class_path": model["class_path"], "init_args": init_args}
     config["trainer"] = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
@@ -110,11 +116,11 @@ def run_config(path: str | Path, prior: str | None = None) -> dict[str, Any]:
     return config
 
 
-def build(config_path: str | Path, prior: str | None = None) -> tuple[nn.Module, Any]:
-    """(ScoreModule, datamodule) from a saved config, with the chosen prior."""
+def build(config_path: str | Path, prior: str | None = None, eval_T: float | None = None) -> tuple[nn.Module, Any]:
+    """(ScoreModule, datamodule) from a saved config, with the chosen prior and truncation."""
     import train
 
-    config = run_config(config_path, prior)
+    config = run_config(config_path, prior, eval_T)
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees this script's own arguments
     try:
         cli = train.main(args=config, run=False)
@@ -127,8 +133,9 @@ def load_weights(model: nn.Module, ckpt_path: str | Path) -> None:
     """Verified weights-only load of the score model; the prior is the config's (``prior.*`` skipped)."""
     from difftime.checkpoints import load_verified
 
-    state = load_verified(ckpt_path)["state_dict"]
-    state = {k: v for k, v in state.items() if not k.startswith("prior.")}
+    checkpoint = load_verified(ckpt_path)
+    check_trained_sde(checkpoint, model, ckpt_path)
+    state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("prior.")}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # same names, other shapes
@@ -137,6 +144,22 @@ def load_weights(model: nn.Module, ckpt_path: str | Path) -> None:
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {ckpt_path} does not match the config's model: "
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def check_trained_sde(checkpoint: dict[str, Any], model: nn.Module, ckpt_path: str | Path) -> None:
+    """The checkpoint's training SDE and data shape must be the config's (truncate with --eval_T instead)."""
+    from difftime.priors import describe_sde, same_q_T
+
+    saved = checkpoint.get("difftime") or {}
+    sde = saved.get("sde")
+    if sde is not None and not (same_q_T(sde, model.sde.hparams()) and sde.get("eps") == model.sde.eps):
+        raise SampleError(f"checkpoint {ckpt_path} was trained with {describe_sde(sde)} but the config gives "
+                          f"{describe_sde(model.sde.hparams())}; use the run's own config.yaml "
+                          "(and --eval_T to start from an earlier time)")
+    shape = saved.get("data_shape")
+    if shape is not None and tuple(shape) != tuple(model.data_shape):
+        raise SampleError(f"checkpoint {ckpt_path} was trained on data of shape {tuple(shape)} but the config "
+                          f"gives {tuple(model.data_shape)}")
 
 
 def choose_sampler(model: nn.Module, name: str | None) -> Sampler:
@@ -173,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     check_out(out)
     ckpt_path = args.ckpt_path or str(Path(args.config).parent / "checkpoints" / "last.ckpt")
-    model, datamodule = build(args.config, args.prior)
+    model, datamodule = build(args.config, args.prior, args.eval_T)
     load_weights(model, ckpt_path)
     model = model.to(args.device).eval()
     sampler, prior_name = choose_sampler(model, args.sampler), describe_prior(model.prior)
@@ -181,17 +204,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     samples, infos = generate(model, sampler, args.n, args.batch_size, args.seed, args.steps)
     wall = time.perf_counter() - start
     nfe = [int(info["nfe"]) for info in infos]
-    caption = f"{args.n} samples | {infos[0]['sampler']} | NFE {max(nfe)} | prior {prior_name} | T {model.sde.T:g}"
+    caption = f"{args.n} samples | {infos[0]['sampler']} | NFE {max(nfe)} | prior {prior_name} | T {model.eval_sde.T:g}"
     paths = write_outputs(samples, datamodule.scaling, out, args.nrow, caption)
     summary = {"n": args.n, "seed": args.seed, "sampler": infos[0]["sampler"], "steps": infos[0]["steps"],
                "nfe": max(nfe), "nfe_total": sum(nfe), "wall_time_s": wall, "prior": prior_name,
-               "T": model.sde.T, "eps": model.sde.eps, "checkpoint": str(ckpt_path), **paths}
+               "T": model.eval_sde.T, "T_trained": model.sde.T, "eps": model.sde.eps, "checkpoint": str(ckpt_path),
+               **paths}
     with open(out / "info.json", "w") as handle:
         json.dump(summary, handle, indent=2)
     per_batch = f"{min(nfe)}-{max(nfe)}" if min(nfe) != max(nfe) else str(nfe[0])
     print(f"sample.py: {args.n} samples in {wall:.1f} s | sampler {summary['sampler']} "
           f"(steps {summary['steps']}) | NFE {per_batch} per batch | prior {prior_name} | "
-          f"T {model.sde.T:g} | wrote {paths['png']} and {paths['npz']}", file=sys.stdout)
+          f"T {model.eval_sde.T:g} | wrote {paths['png']} and {paths['npz']}", file=sys.stdout)
     return summary
 
 

@@ -328,7 +328,7 @@ class BitsPerDim(EvalSetCallback):
     def _update_elbo(self, pl_module: ScoreSystem, batch: Tensor, ids: Tensor) -> None:
         noise = self.noise(ids, DEQUANTIZE, pl_module.device)
         y, log_det = pl_module.scaling(batch, noise)
-        terms = elbo(pl_module.score_fn(self.use_ema), pl_module.sde, pl_module.prior, y, n_t=self.n_t,
+        terms = elbo(pl_module.score_fn(self.use_ema), pl_module.eval_sde, pl_module.prior, y, n_t=self.n_t,
                      n_prior=self.n_prior, generator=noise)
         self.elbo_metric.update(elbo_bits(terms, log_det, y[0].numel()))
 
@@ -337,7 +337,7 @@ class BitsPerDim(EvalSetCallback):
         # Validation runs under inference mode; the divergence needs autograd, so leave it and
         # clone y into a normal tensor (ode_log_likelihood itself works in fp32 outside autocast).
         with torch.inference_mode(False):
-            out = ode_log_likelihood(pl_module.score_fn(self.use_ema), pl_module.sde, pl_module.prior, y.clone(),
+            out = ode_log_likelihood(pl_module.score_fn(self.use_ema), pl_module.eval_sde, pl_module.prior, y.clone(),
                                      n_probes=self.ode_probes, generator=self.noise(ids, ODE_PROBES, y.device),
                                      **self.ode_solver)
         bpd = bits_per_dim(out.log_prob.double(), log_det.double(), y[0].numel())

@@ -34,8 +34,9 @@ class SampleSource(Protocol):
 class ScoreSystem(SampleSource, Protocol):
     """A score model: what the likelihood, KL-gap and FID callbacks need."""
 
-    sde: SDE
-    prior: Prior
+    sde: SDE  # the training SDE, on [eps, T]
+    eval_sde: SDE  # the SDE evaluation runs: the same one stopped at T' <= T (post-hoc truncation)
+    prior: Prior  # the distribution at T' the reverse process starts from
     sampler: Sampler
 
     def score_fn(self, use_ema: bool = True) -> ScoreFn: ...

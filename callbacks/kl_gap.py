@@ -98,7 +98,7 @@ class KLGap(EvalSetCallback):
         self.T_grid = T_grid
         self.use_ema = bool(use_ema)
         self.grid: list[float] = []
-        self.aux = False
+        self.aux, self.eval_T = False, 0.0
         self.metric = PerSampleMoments(())
 
     @property
@@ -107,10 +107,10 @@ class KLGap(EvalSetCallback):
         return self._generate_state_key(T_grid=self.T_grid, n_grid=self.n_grid, max_samples=self.max_samples,
                                         seed=self.seed)
 
-    def make_grid(self, T: float, eps: float) -> list[float]:
-        """Sorted grid with T included; raises ConfigError unless every T' is in (eps, T]."""
+    def make_grid(self, T: float, eps: float, eval_T: float | None = None) -> list[float]:
+        """Sorted grid with T (and the evaluation's T') included; raises ConfigError unless every T' is in (eps, T]."""
         values = self.T_grid if self.T_grid is not None else [T * (k + 1) / self.n_grid for k in range(self.n_grid)]
-        grid = sorted({float(v) for v in values} | {float(T)})
+        grid = sorted({float(v) for v in values} | {float(T), float(eval_T if eval_T is not None else T)})
         if grid[0] <= eps or grid[-1] > T:
             raise ConfigError("T_grid", self.T_grid, f"times in (eps, T] = ({eps:g}, {T:g}]", self.owner)
         if len({t_label(v) for v in grid}) != len(grid):
@@ -121,7 +121,8 @@ class KLGap(EvalSetCallback):
     def start(self, trainer: Trainer, pl_module: ScoreSystem, stage: str) -> bool:
         if not self.is_due(trainer, self.every_n_validations):
             return False
-        self.grid = self.make_grid(pl_module.sde.T, pl_module.sde.eps)
+        self.grid = self.make_grid(pl_module.sde.T, pl_module.sde.eps, pl_module.eval_sde.T)
+        self.eval_T = pl_module.eval_sde.T
         self.aux = not isinstance(pl_module.prior, GaussianPrior)
         names = [f"{part}{i}" for i in range(len(self.grid)) for part in ("prior", "diffusion", "total")]
         self.metric = PerSampleMoments(names + (["aux_prior", "aux_total"] if self.aux else []))
@@ -142,9 +143,9 @@ class KLGap(EvalSetCallback):
             bits = elbo_bits(terms, log_det, dim)
             values.update({f"prior{i}": bits["bpd_prior"], f"diffusion{i}": bits["bpd_diffusion"],
                            f"total{i}": bits["bpd_elbo"]})
-        if self.aux:
-            at_T = results[self.grid[-1]]
-            kl, kl_se = prior_term(sde, pl_module.prior, y, n_prior=self.n_prior, generator=noise)
+        if self.aux:  # the auxiliary prior lives at the evaluation's T' only
+            at_T = results[pl_module.eval_sde.T]
+            kl, kl_se = prior_term(pl_module.eval_sde, pl_module.prior, y, n_prior=self.n_prior, generator=noise)
             bits = elbo_bits(ElboTerms(kl, at_T.diffusion, at_T.reconstruction, kl_se, at_T.diffusion_se), log_det, dim)
             values.update(aux_prior=bits["bpd_prior"], aux_total=bits["bpd_elbo"])
         self.metric.update(values)
@@ -166,7 +167,7 @@ class KLGap(EvalSetCallback):
         rows = [Row(T, *stat(f"prior{i}"), *stat(f"diffusion{i}"), *stat(f"total{i}"), "gaussian")
                 for i, T in enumerate(self.grid)]
         if self.aux:
-            at_T = rows[-1]
+            at_T = rows[self.grid.index(self.eval_T)]
             rows.append(Row(at_T.T, *stat("aux_prior"), at_T.diffusion_bpd, at_T.diffusion_se, *stat("aux_total"),
                             f"aux:{prior_name}"))
         return rows

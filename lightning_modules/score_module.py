@@ -49,6 +49,11 @@ class ScoreModule(DiffusionSystem):
         seed: seed of the counter-based training noise.
         max_consecutive_skips: stop cleanly after this many consecutive non-finite steps.
         channels_last, compile: memory format and ``torch.compile`` of the network.
+        eval_T: post-hoc truncation (Franzese et al. 2023, Sec. 4): evaluate and sample as if the
+            diffusion stopped at T' = ``eval_T``, with eps < T' <= ``sde.T``. The network and the
+            training SDE stay what they are (training still runs on [eps, T]); the reverse
+            process and the bound start at T' (``self.eval_sde``), from the SDE's Gaussian prior
+            at T' or from an auxiliary prior trained at exactly T'. None: T' = T.
     """
 
     def __init__(
@@ -66,6 +71,7 @@ class ScoreModule(DiffusionSystem):
         max_consecutive_skips: int = 20,
         channels_last: bool = False,
         compile: bool = False,
+        eval_T: float | None = None,
     ) -> None:
         super().__init__(optimizer, lr_scheduler, seed=seed, max_consecutive_skips=max_consecutive_skips)
         checks.real("ema_decay", ema_decay, "ScoreModule", 0.0, 1.0, low_open=False)
@@ -80,11 +86,20 @@ class ScoreModule(DiffusionSystem):
             self.net.to(memory_format=torch.channels_last)
         self.ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
-        self.prior = prior if prior is not None else sde.prior(self.data_shape)
-        check_prior(self.prior, sde.hparams(), self.data_shape)
+        self.eval_sde = self._truncated(sde, eval_T)
+        self.prior = prior if prior is not None else self.eval_sde.prior(self.data_shape)
+        check_prior(self.prior, self.eval_sde.hparams(), self.data_shape)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         if compile:
             self.net.compile()
+
+    @staticmethod
+    def _truncated(sde: SDE, eval_T: float | None) -> SDE:
+        """The SDE that evaluation runs: the training SDE, or the same SDE stopped at T' = eval_T."""
+        if eval_T is None:
+            return sde
+        checks.real("eval_T", eval_T, "ScoreModule", sde.eps, sde.T, high_open=False)
+        return sde.with_T(eval_T)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -112,7 +127,7 @@ class ScoreModule(DiffusionSystem):
     def sample(self, n: int, generator: Generator = None, sampler: Sampler | None = None,
                prior: Prior | None = None, steps: int | None = None,
                callback: Callable[[dict], None] | None = None) -> tuple[Tensor, dict]:
-        """Draw x_T from the prior and integrate back to eps with the EMA network.
+        """Draw x_T' from the prior and integrate back to eps with the EMA network (T' = ``eval_sde.T``).
 
         Returns model-space samples ``[n, *data_shape]`` and the sampler's info plus the prior
         used and the wall time (``info["nfe"]`` counts network evaluations).
@@ -123,11 +138,11 @@ class ScoreModule(DiffusionSystem):
         start = time.perf_counter()
         try:
             x_T = prior.sample(n, generator).to(self.device)
-            samples, info = sampler(self.score_fn(), self.sde, x_T, steps=steps, generator=generator,
+            samples, info = sampler(self.score_fn(), self.eval_sde, x_T, steps=steps, generator=generator,
                                     callback=callback)
         finally:
             self.ema.train(was_training)
-        info.update(prior=describe_prior(prior), wall_time_s=time.perf_counter() - start, T=self.sde.T)
+        info.update(prior=describe_prior(prior), wall_time_s=time.perf_counter() - start, T=self.eval_sde.T)
         return samples, info
 
     # ------------------------------------------------------------------ training

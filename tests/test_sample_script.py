@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,33 @@ def test_image_grid_and_uint8_array(runs, tmp_path):
 
 
 def test_checkpoint_that_does_not_match_the_config_is_refused(runs, tmp_path):
-    with pytest.raises(RuntimeError, match="does not match"):
+    """The toy checkpoint (VP, T = 0.4, 2-D) against the digits config (T = 1, images): both SDEs named."""
+    with pytest.raises(sample.SampleError, match=r"trained with VPSDE\(T=0.4.*config gives VPSDE\(T=1"):
         run_sample(runs["digits"], tmp_path / "a", "--n", "2",
                    "--ckpt_path", str(runs["toy"] / "checkpoints/last.ckpt"))
+
+
+def test_post_hoc_truncation(runs, tmp_path):
+    """--eval_T: the T = 1 digits model sampled from T' = 0.5 (Gaussian prior at T'); T' > T is refused."""
+    _, info = run_sample(runs["digits"], tmp_path / "a", "--n", "2", "--eval_T", "0.5")
+    assert info["T"] == 0.5 and info["T_trained"] == 1.0 and info["prior"] == "gaussian"
+    with pytest.raises(SystemExit):
+        run_sample(runs["digits"], tmp_path / "b", "--n", "2", "--eval_T", "1.5")
+
+
+def test_errors_are_one_line_and_outputs_never_overwritten(runs, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "a"
+    run_sample(runs["digits"], out, "--n", "2")
+    before = (out / "samples.npz").read_bytes()
+    argv = ["sample.py", "--config", str(runs["digits"] / "config.yaml"), "--out", str(out), "--device", "cpu"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stop:
+        sample.cli_main()
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and "already holds samples.npz" in err
+    assert (out / "samples.npz").read_bytes() == before
+    monkeypatch.setattr(sys, "argv", argv[:3] + ["--out", str(tmp_path / "b"), "--ckpt_path", str(tmp_path / "nope.ckpt")])
+    with pytest.raises(SystemExit):
+        sample.cli_main()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nope.ckpt" in err and not (tmp_path / "b").exists()
