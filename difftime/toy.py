@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from difftime.networks.base import NoisePredictor
 from difftime.sde import SDE
 from difftime.utils import Generator, append_dims, rand, randn
 
@@ -154,7 +155,7 @@ class GaussianMixture(nn.Module):
         return float(0.5 * (self.dim * (1 + math.log(2 * math.pi)) + torch.log(self.eigvals[0]).sum()))
 
 
-class OracleScore(nn.Module):
+class OracleScore(NoisePredictor):
     """The exact score of ``data`` diffused by ``sde``: grad_x log q_t(x).
 
     Wraps a :class:`GaussianMixture` as a noise-prediction network, ``eps_hat = -s(t) score``,

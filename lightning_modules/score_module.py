@@ -19,6 +19,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from difftime import checks
 from difftime.losses import DSMLoss
+from difftime.networks import NoisePredictor
 from difftime.priors import Prior, check_prior, describe_prior
 from difftime.samplers import EulerMaruyama, Sampler
 from difftime.score import make_score_fn
@@ -58,7 +59,7 @@ class ScoreModule(DiffusionSystem):
 
     def __init__(
         self,
-        net: nn.Module,
+        net: NoisePredictor,
         sde: SDE,
         data_shape: tuple[int, ...] = (2,),
         loss: DSMLoss | None = None,

@@ -15,6 +15,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difftime.networks.base import NoisePredictor
 from difftime.networks.layers import TimeEmbedding, broadcast_time, linear
 from difftime.utils import ConfigError
 
@@ -31,7 +32,7 @@ class _MLPBlock(nn.Module):
         return h + self.fc2(F.silu(self.fc1(F.silu(h)) + self.emb_proj(emb)))
 
 
-class MLP(nn.Module):
+class MLP(NoisePredictor):
     """``forward(x: [B, *D], t: [B]) -> eps_hat: [B, *D]`` with prod(D) = ``dim``.
 
     Args:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from difftime.networks.base import NoisePredictor
 from difftime.networks.layers import (AttentionBlock, Embedding, Resample, ResAttnBlock, ResBlock,
                                        TimeEmbedding, broadcast_time, conv, group_norm, linear)
 from difftime.utils import ConfigError
@@ -46,7 +47,7 @@ class _Level(nn.Module):
         self.blocks, self.attn, self.resampler = nn.ModuleList(blocks), attn, resampler
 
 
-class UNet(nn.Module):
+class UNet(NoisePredictor):
     """DDPM++ U-Net: ``forward(x: [B, C, H, W], t: [B]) -> eps_hat: [B, C_out, H, W]``.
 
     Defaults are the CIFAR-10 DDPM++ (cont.) configuration of Song et al. 2021 (Table 3 and
