@@ -44,7 +44,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from callbacks.checkpoint_io import SafeCheckpointIO
+from callbacks.checkpoint_io import KeepLastCheckpointName, SafeCheckpointIO
 from callbacks.preemption import Preempted, Preemption
 from difftime.checkpoints import (CorruptCheckpointError, RunFolderLocked, RunLock, checkpoint_step, check_loadable,
                                   load_verified, quarantine, remove_orphan_temp_files, scan_checkpoints)
@@ -455,7 +455,7 @@ def main(args: list[str] | None = None, run: bool = True) -> DifftimeCLI:
         return DifftimeCLI(
             args=args,
             run=run,
-            trainer_defaults={"use_distributed_sampler": False, "callbacks": [Preemption()]},
+            trainer_defaults={"use_distributed_sampler": False, "callbacks": [Preemption(), KeepLastCheckpointName()]},
             save_config_callback=RunConfigWriter,
             auto_configure_optimizers=False,
         )
