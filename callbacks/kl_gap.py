@@ -118,6 +118,11 @@ class KLGap(EvalSetCallback):
                               self.owner)
         return grid
 
+    def check_config(self, trainer: Trainer, pl_module: ScoreSystem) -> None:
+        """Called by train.py before any process group or step: a T' outside (eps, T] fails
+        now, with its config key, instead of at the first validation, possibly hours in."""
+        self.make_grid(pl_module.sde.T, pl_module.sde.eps, pl_module.eval_sde.T)
+
     def start(self, trainer: Trainer, pl_module: ScoreSystem, stage: str) -> bool:
         if not self.is_due(trainer, self.every_n_validations):
             return False

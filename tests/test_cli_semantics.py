@@ -113,7 +113,9 @@ def test_training_config_is_kept_and_evaluations_write_their_own(tmp_path, monke
     (["--model.init_args.sde=difftime.sde.VESDE", "--model.init_args.sde.init_args.T=5"], "model.init_args.sde.init_args.T"),
     (["--trainer.callbacks+=fault_helpers.CheckedCallback", "--trainer.callbacks.init_args.limit=0.9"],
      "trainer.callbacks.1.init_args.limit"),
-], ids=["batch-vs-devices", "negative-lr", "zero-lr", "ve-T-above-1", "callback-check"])
+    (["--trainer.callbacks+=callbacks.KLGap", "--trainer.callbacks.init_args.T_grid=[0.3,0.9]"],
+     "trainer.callbacks.1.init_args.T_grid"),  # T = 0.6: found only at the first validation before
+], ids=["batch-vs-devices", "negative-lr", "zero-lr", "ve-T-above-1", "callback-check", "kl-gap-T-grid"])
 def test_bad_values_fail_before_any_work_with_the_full_key(override, key, tmp_path, monkeypatch, capsys):
     """Defect 9: these failed after DDP started (two rank tracebacks), at the first step or at the
     first validation; VE accepted T = 5 (prior std 3e16)."""
