@@ -146,6 +146,30 @@ def load_weights(model: nn.Module, ckpt_path: str | Path) -> None:
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+def load_run(ckpt_path: str | Path, config: str | Path | None = None, prior: str | None = None,
+             eval_T: float | None = None, device: str = "cpu") -> tuple[nn.Module, Any]:
+    """(trained ScoreModule ready to sample, its datamodule) from a checkpoint of a run (Python, notebooks).
+
+    ``config`` defaults to the run's ``config.yaml`` (``<run>/checkpoints/x.ckpt`` -> ``<run>/config.yaml``);
+    ``prior`` and ``eval_T`` as for the command line. Weights are verified and loaded weights-only;
+    the data scaling of the run's datamodule is attached, so ``model.to_images`` and
+    ``model.bits_per_dim`` work on the run's data.
+    """
+    ckpt_path = Path(ckpt_path)
+    config = Path(config) if config is not None else ckpt_path.parent.parent / "config.yaml"
+    model, datamodule = build(config, prior, eval_T)
+    load_weights(model, ckpt_path)
+    model.scaling = datamodule.scaling
+    return model.to(device).eval(), datamodule
+
+
+def real_images(datamodule: Any, n: int, split: str = "test") -> Tensor:
+    """The first ``n`` raw items (uint8 images) of a datamodule's ``split`` ("train", "val" or "test")."""
+    datamodule.setup("test" if split == "test" else "fit")
+    dataset = getattr(datamodule, f"{split}_set")
+    return torch.stack([torch.as_tensor(dataset[i]) for i in range(min(n, len(dataset)))])
+
+
 def check_trained_sde(checkpoint: dict[str, Any], model: nn.Module, ckpt_path: str | Path) -> None:
     """The checkpoint's training SDE and data shape must be the config's (truncate with --eval_T instead)."""
     from difftime.priors import describe_sde, same_q_T

@@ -18,6 +18,8 @@ from torchmetrics import MeanMetric
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from difftime import checks
+from difftime.data import bits_per_dim
+from difftime.likelihood import elbo
 from difftime.losses import DSMLoss
 from difftime.networks import NoisePredictor
 from difftime.priors import Prior, check_prior, describe_prior
@@ -145,6 +147,27 @@ class ScoreModule(DiffusionSystem):
             self.ema.train(was_training)
         info.update(prior=describe_prior(prior), wall_time_s=time.perf_counter() - start, T=self.eval_sde.T)
         return samples, info
+
+    def to_images(self, samples: Tensor) -> Tensor:
+        """Model-space samples -> what a person looks at: uint8 images ``[B, C, H, W]`` (fp32 vectors for toy data)."""
+        return self.scaling.to_output(samples)
+
+    @torch.no_grad()
+    def bits_per_dim(self, x: Tensor, n_t: int = 16, generator: Generator = None) -> Tensor:
+        """ELBO bits/dim ``[B]`` of raw data ``x`` (uint8 pixels) on the standard 8-bit scale.
+
+        The continuous-time bound of :func:`difftime.likelihood.elbo` at T' = ``eval_sde.T`` with
+        this module's prior, dequantized and scaled by the data scaling (its log-Jacobian
+        included), EMA weights; one stochastic draw per datum (seed ``generator``).
+        """
+        was_training = self.ema.training
+        self.ema.eval()
+        try:
+            y, log_det = self.scaling(x.to(self.device), generator)
+            terms = elbo(self.score_fn(), self.eval_sde, self.prior, y, n_t=n_t, generator=generator)
+        finally:
+            self.ema.train(was_training)
+        return bits_per_dim(terms.total.double(), log_det.double(), y[0].numel())
 
     # ------------------------------------------------------------------ training
     def trainable(self) -> nn.Module:
