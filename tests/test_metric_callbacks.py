@@ -399,3 +399,20 @@ def test_fit_writes_every_key_to_tensorboard_and_csv(tmp_path):
                                  "total_se", "prior"]
         assert [float(r["T"]) for r in rows] == [0.5, 1.0]
         assert all(math.isfinite(float(r["total_bpd"])) for r in rows)
+
+
+def test_vae_prior_is_seeded_per_sample(tmp_path):
+    """A VAE prior's bound is stochastic: BitsPerDim and KLGap draw its noise from the per-sample
+    seeds too, so the same seed gives the same bits/dim whatever the batch size (it was unseeded)."""
+    from difftime.aux_priors import MLPVAEPrior
+
+    torch.manual_seed(0)
+    vae = MLPVAEPrior(dim=DIM, latent_dim=1, hidden=8, bound="iwae", k=4)
+    results = []
+    for eval_batch_size in (100, 40):
+        sde, data, datamodule, module = gaussian_case(n_val=200, eval_batch_size=eval_batch_size)
+        module.prior = vae
+        callbacks = [BitsPerDim(n_t=2, n_prior=2, ode=False), KLGap(T_grid=[0.3], max_samples=None, n_t=2, n_prior=2)]
+        metrics = validate(module, datamodule, callbacks, tmp_path / str(eval_batch_size))
+        results.append((metrics["val/bpd_elbo"], metrics["val/bpd_prior"], metrics[f"kl_gap/aux_prior/T={sde.T:.3f}"]))
+    assert results[0] == pytest.approx(results[1], rel=1e-9, abs=1e-9), results

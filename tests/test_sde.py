@@ -122,5 +122,8 @@ def test_bad_arguments_name_key_and_range(factory, key):
     assert f"'{key}'" in str(err.value) and "allowed" in str(err.value)
 
 
-def test_ve_allows_T_above_one():
-    assert VESDE(T=1.5).T == 1.5
+def test_ve_refuses_T_above_one_like_vp():
+    """sigma(t) = sigma_min (sigma_max / sigma_min)^t: at T = 5 the prior std is 3e16, never meant."""
+    with pytest.raises(ConfigError, match=r"config key 'T' \(VESDE\) = 1.5 .*eps < T <= 1"):
+        VESDE(T=1.5)
+    assert VESDE(T=1.0).T == 1.0
