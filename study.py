@@ -694,7 +694,8 @@ def run_bpd(plan: Plan, unit: Unit) -> None:
     bpd = unit.params["bpd"]
     init = {k: bpd[k] for k in ("max_samples", "n_t", "n_prior", "ode", "ode_max_samples", "seed")}
     config["trainer"].update(callbacks=[{"class_path": "callbacks.BitsPerDim", "init_args": init}],
-                             limit_val_batches=None, enable_progress_bar=False,
+                             limit_val_batches=None, enable_progress_bar=False, devices=1, num_nodes=1,
+                             strategy="auto",
                              logger={"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                      "init_args": {"save_dir": str(unit.folder.parent.parent), "name": "bpd",
                                                    "version": unit.folder.name}})
