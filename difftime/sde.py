@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from difftime import checks
 from difftime.priors import GaussianPrior
 from difftime.utils import ConfigError, append_dims
 
@@ -159,12 +160,8 @@ class VPSDE(SDE):
     def __init__(self, T: float = 1.0, eps: float = 1e-5, beta_min: float = 0.1,
                  beta_max: float = 20.0) -> None:
         super().__init__(T=T, eps=eps)
-        if not beta_min > 0:
-            raise ConfigError("beta_min", beta_min, "beta_min > 0", type(self).__name__)
-        if not beta_max >= beta_min:
-            raise ConfigError("beta_max", beta_max, f"beta_max >= beta_min = {beta_min:g}",
-                              type(self).__name__)
-        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+        self.beta_min = checks.real("beta_min", beta_min, type(self).__name__)
+        self.beta_max = checks.real("beta_max", beta_max, type(self).__name__, low=self.beta_min, low_open=False)
 
     def beta(self, t: Tensor) -> Tensor:
         return self.beta_min + _as_float(t) * (self.beta_max - self.beta_min)
@@ -246,12 +243,8 @@ class VESDE(SDE):
     def __init__(self, T: float = 1.0, eps: float = 1e-5, sigma_min: float = 0.01,
                  sigma_max: float = 50.0) -> None:
         super().__init__(T=T, eps=eps)
-        if not sigma_min > 0:
-            raise ConfigError("sigma_min", sigma_min, "sigma_min > 0", type(self).__name__)
-        if not sigma_max > sigma_min:
-            raise ConfigError("sigma_max", sigma_max, f"sigma_max > sigma_min = {sigma_min:g}",
-                              type(self).__name__)
-        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.sigma_min = checks.real("sigma_min", sigma_min, type(self).__name__)
+        self.sigma_max = checks.real("sigma_max", sigma_max, type(self).__name__, low=self.sigma_min)
 
     @property
     def log_ratio(self) -> float:

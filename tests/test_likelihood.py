@@ -22,13 +22,7 @@ from difftime.toy import Gaussian, GaussianMixture, OracleScore, RandomMixture, 
 from difftime.utils import ConfigError, PerSampleNoise
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many tiny ops, for which a second (shared) thread only adds overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def seeded(seed: int) -> torch.Generator:

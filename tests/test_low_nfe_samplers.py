@@ -24,12 +24,7 @@ MIX = RandomMixture(dim=2, n_components=3, seed=3)
 ORDER_SDES = [VPSDE(T=1.0, eps=1e-3), SubVPSDE(T=1.0, eps=1e-3), VESDE(T=1.0, eps=1e-3, sigma_max=10.0)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def oracle(sde):

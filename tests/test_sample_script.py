@@ -85,13 +85,7 @@ data:
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run much faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -33,13 +33,7 @@ from difftime.utils import ConfigError, PerSampleNoise
 N = 4000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one intra-op thread avoids synchronisation cost on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GAUSS = Gaussian(dim=2, mean=[1.0, -0.5], std=[0.5, 1.5])
 MIX = RandomMixture(dim=2, n_components=3, seed=3)
