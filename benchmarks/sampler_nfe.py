@@ -1,0 +1,307 @@
+"""Smallest NFE that reaches converged quality, per sampler x schedule x T x prior (a measurement).
+
+On the 2-D ring mixture of ``benchmarks/t_tradeoff_gmm.py`` (its data, training helpers, priors and
+metrics are imported from it, so every data/training option of that script works here too), with the
+ORACLE score and with a trained MLP score per T, for T in {0.2, 0.4, 0.6, 1.0} (VP SDE, eps = 1e-3)
+and the priors N(0, I), the exact q_T and (T < 1) the RealNVP flow trained on q_T:
+
+* every (sampler, schedule) of :data:`CONFIGS` is run at increasing NFE from the SAME x_T (common
+  random numbers: the differences are discretisation, not sampling noise);
+* its quality is compared with the converged value of the same (score, T, prior) and sampler family:
+  the probability-flow ODE solved by dopri5 at rtol = atol = 1e-6 for the deterministic samplers, the
+  reverse SDE with ``--ref-steps`` exact DDPM-posterior steps (SDE-DPM-Solver++(1), eta = 1) for the
+  stochastic ones;
+* converged quality = |E[log p_data] - converged| <= 0.05 nats AND MMD^2 - converged MMD^2 <= its
+  noise floor (2 standard errors of the data-vs-data MMD^2 at this sample size); the smallest NFE
+  of the grid where this holds at two consecutive grid points is reported (">max" when never).
+
+Tables (stdout and ``<out stem>_tables.md``): smallest NFE per configuration; the ratio of the
+smallest NFE of the best configuration at each short T with the flow prior to that of the BEST T = 1
+configuration (N(0, I) prior); the converged references. CSVs: every evaluation (``--out``) and the
+smallest NFE per configuration (``<stem>_summary.csv``).
+
+    python benchmarks/sampler_nfe.py             # quick: 27 min on one thread of a shared 2-core machine
+                                                 # (2.5 min training; --score oracle skips it)
+    python benchmarks/sampler_nfe.py --full      # t_tradeoff's full training, 5 x 5000 samples, NFE <= 400
+    python benchmarks/sampler_nfe.py --score oracle --short-T 0.2   # options of t_tradeoff_gmm.py pass through
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import t_tradeoff_gmm as tt  # noqa: E402
+
+from difftime.samplers import SAMPLERS, adaptive_ode, sde_dpm_solver_pp  # noqa: E402
+from difftime.schedules import SCHEDULES  # noqa: E402
+from difftime.utils import step_seed  # noqa: E402
+
+LOGP_TOL = 0.05
+NFE_GRID = {"quick": [3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 30, 50, 100, 200],
+            "full": [3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 20, 25, 30, 40, 50, 70, 100, 140, 200, 300, 400]}
+_X_T_STREAM, _NOISE_STREAM = 21, 22
+
+
+@dataclass(frozen=True)
+class Config:
+    label: str
+    sampler: str
+    schedule: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def stochastic(self) -> bool:
+        return self.sampler in ("euler_maruyama", "predictor_corrector", "sde_dpm_solver_pp")
+
+    def build(self, steps: int):
+        return SAMPLERS[self.sampler](steps=steps, schedule=SCHEDULES[self.schedule](), **dict(self.options))
+
+    def name(self) -> str:
+        return f"{self.label} / {self.schedule}"
+
+
+def _configs(full: bool) -> list[Config]:
+    two, three = (("order", 2), ("corrector", False)), (("order", 3), ("corrector", False))
+    unic2, unic3 = (("order", 2), ("corrector", True)), (("order", 3), ("corrector", True))
+    kinds = [("EM", "euler_maruyama", (), "UL"), ("Heun", "heun_ode", (), "ULK"), ("DDIM", "ddim", (), "L"),
+             ("DPM++2M", "dpm_solver_pp", two, "ULK"), ("DPM++3M", "dpm_solver_pp", three, "L"),
+             ("DPM++2M+UniC", "dpm_solver_pp", unic2, "LK"), ("DPM++3M+UniC", "dpm_solver_pp", unic3, "L"),
+             ("SDE-DPM++2M", "sde_dpm_solver_pp", (("eta", 1.0),), "LK"),
+             ("DPM++2M+UniC+Tweedie", "dpm_solver_pp", unic2 + (("denoise", True),), "L")]
+    if full:
+        kinds += [("DPM++2M exact", "dpm_solver_pp", two + (("variant", "exact"),), "L"),
+                  ("DPM++2M+UniC no-lof", "dpm_solver_pp", unic2 + (("lower_order_final", False),), "L"),
+                  ("DDIM+Tweedie", "ddim", (("denoise", True),), "L"),
+                  ("SDE-DPM++2M eta=0.5", "sde_dpm_solver_pp", (("eta", 0.5),), "L")]
+    names = {"U": "uniform_t", "L": "log_snr", "K": "karras"}
+    return [Config(label, name, names[k] if not full else s, opts) for label, name, opts, keys in kinds
+            for k, s in zip(keys if not full else "ULK", ("uniform_t", "log_snr", "karras"))]
+
+
+CONFIGS: list[Config] = []  # set in main: the quick subset or, with --full, every sampler x schedule
+
+
+def steps_for(config: Config, nfe: int) -> int | None:
+    """Steps whose NFE is ``nfe`` (Heun: 2 per step; +1 for a final Tweedie step), or None."""
+    options = dict(config.options)
+    denoise = options.get("denoise", SAMPLERS[config.sampler]().denoise)
+    per_step = 2 if config.sampler == "heun_ode" else 1
+    steps, rest = divmod(nfe - int(denoise), per_step)
+    return steps if steps >= 1 and rest == 0 else None
+
+
+# ---------------------------------------------------------------------- one (score, T, prior)
+@dataclass
+class Case:
+    score: str
+    T: float
+    prior: str
+    contender: tt.Contender
+    x_T: Tensor
+    refs: dict[str, dict] = field(default_factory=dict)
+
+
+def make_case(c: tt.Contender, n: int, seed: int, index: int) -> Case:
+    with torch.no_grad():
+        x_T = c.prior.sample(n, torch.Generator().manual_seed(step_seed(seed, _X_T_STREAM, index))).float()
+    return Case(c.score, c.T, c.prior_name, c, x_T)
+
+
+def references(case: Case, evaluator: tt.Evaluator, args: argparse.Namespace) -> None:
+    """Converged values: dopri5 on the probability-flow ODE, and the reverse SDE on a fine grid."""
+    c = case.contender
+    x, info = adaptive_ode(c.score_fn, c.sde, case.x_T, rtol=1e-6, atol=1e-6)
+    case.refs["ode"] = {**evaluator(x), "nfe": info["nfe"]}
+    x, info = sde_dpm_solver_pp(c.score_fn, c.sde, case.x_T, args.ref_steps, _noise(args), eta=1.0, order=1)
+    case.refs["sde"] = {**evaluator(x), "nfe": info["nfe"]}
+
+
+def _noise(args: argparse.Namespace) -> torch.Generator:
+    return torch.Generator().manual_seed(step_seed(args.seed, _NOISE_STREAM))
+
+
+def converged(metrics: dict, ref: dict, floor: float) -> bool:
+    return (abs(metrics["logp"].mean - ref["logp"].mean) <= LOGP_TOL
+            and metrics["mmd2"].mean - ref["mmd2"].mean <= floor)
+
+
+def smallest_nfe(case: Case, config: Config, evaluator: tt.Evaluator, floor: float,
+                 args: argparse.Namespace) -> tuple[int | None, list[dict]]:
+    """Walk the NFE grid; the first NFE of two consecutive converged grid points (None if none)."""
+    ref, rows, first, hits = case.refs["sde" if config.stochastic else "ode"], [], None, 0
+    for nfe in args.grid:
+        steps = steps_for(config, nfe)
+        if steps is None:
+            continue
+        x, info = config.build(steps)(case.contender.score_fn, case.contender.sde, case.x_T, generator=_noise(args))
+        metrics = evaluator(x)
+        ok = converged(metrics, ref, floor)
+        rows.append({"score": case.score, "T": case.T, "prior": case.prior, "config": config.name(),
+                     "nfe": info["nfe"], "steps": steps, "converged": ok, **metrics})
+        hits = hits + 1 if ok else 0
+        first = info["nfe"] if hits == 1 else first
+        if hits == 2:
+            return first, rows
+    return None, rows
+
+
+# ---------------------------------------------------------------------- tables
+def _cell(nfe: int | None, grid: list[int]) -> str:
+    return str(nfe) if nfe is not None else f">{grid[-1]}"
+
+
+def nfe_table(summary: list[dict], cases: list[Case], score: str, grid: list[int]) -> list[str]:
+    cols = [(c.T, c.prior) for c in cases if c.score == score]
+    lines = ["| sampler / schedule | " + " | ".join(f"T={T:g} {p}" for T, p in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for config in CONFIGS:
+        cells = [_cell(next(r["nfe_min"] for r in summary if (r["score"], r["T"], r["prior"], r["config"])
+                            == (score, T, p, config.name())), grid) for T, p in cols]
+        lines.append(f"| {config.name()} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def best(summary: list[dict], score: str, T: float, prior: str) -> dict | None:
+    rows = [r for r in summary if (r["score"], r["T"], r["prior"]) == (score, T, prior) and r["nfe_min"] is not None]
+    return min(rows, key=lambda r: r["nfe_min"]) if rows else None
+
+
+def ratio_table(summary: list[dict], short_T: list[float], grid: list[int]) -> list[str]:
+    lines = ["| score | T | prior | best configuration | NFE | best T=1 gaussian configuration | NFE | ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for score in ("oracle", "trained"):
+        base = best(summary, score, 1.0, "gaussian")
+        for T in short_T:
+            for prior in ("flow", "gaussian"):
+                b = best(summary, score, T, prior)
+                ratio = f"{b['nfe_min'] / base['nfe_min']:.2f}" if b and base else "n/a"
+                lines.append(f"| {score} | {T:g} | {prior} | {b['config'] if b else '—'} | "
+                             f"{_cell(b and b['nfe_min'], grid)} | {base['config'] if base else '—'} | "
+                             f"{_cell(base and base['nfe_min'], grid)} | {ratio} |")
+    return lines
+
+
+def reference_table(cases: list[Case]) -> list[str]:
+    lines = ["| score | T | prior | ODE ref E[log p] | ODE ref MMD² ×1e3 | ODE ref NFE | SDE ref E[log p] | "
+             "SDE ref MMD² ×1e3 |", "|---|---|---|---|---|---|---|---|"]
+    for c in cases:
+        o, s = c.refs["ode"], c.refs["sde"]
+        lines.append(f"| {c.score} | {c.T:g} | {c.prior} | {o['logp'].fmt(3)} | {_milli(o['mmd2'])} | {o['nfe']} | "
+                     f"{s['logp'].fmt(3)} | {_milli(s['mmd2'])} |")
+    return lines
+
+
+def _milli(s: tt.Stat) -> str:
+    return f"{1e3 * s.mean:.3f}±{1e3 * s.se:.3f}"
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = [tt._flatten_stats(r) for r in rows]
+    fields = list(dict.fromkeys(k for r in flat for k in r))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(flat)
+
+
+# ---------------------------------------------------------------------- main
+def parse_args() -> argparse.Namespace:
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--full", action="store_true", help="t_tradeoff's full mode and the long NFE grid")
+    own.add_argument("--score", choices=["oracle", "trained", "both"], default="both")
+    own.add_argument("--ref-steps", type=int, default=None, help="steps of the reverse-SDE reference (500 / 1000)")
+    own.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "sampler_nfe.csv"))
+    mine, rest = own.parse_known_args()
+    argv, sys.argv = sys.argv, [sys.argv[0], "--mode", "full" if mine.full else "quick", *rest]
+    try:
+        args = tt.parse_args()  # data, training, metric and sample-size options of t_tradeoff_gmm.py
+    finally:
+        sys.argv = argv
+    vars(args).update(vars(mine))
+    args.grid = NFE_GRID[args.mode]
+    args.ref_steps = args.ref_steps or (1000 if mine.full else 500)
+    if not mine.full and "--n" not in rest:  # quick: 3 x 1000 samples keeps the run within 15 min
+        args.n = 1000
+    return args
+
+
+def contenders(data, args: argparse.Namespace) -> tuple[list[tt.Contender], list[dict]]:
+    if args.score == "oracle":  # no training: only the oracle score, flows still needed for T < 1
+        setup = tt.Setup()
+        for T in [1.0] + list(args.short_T):
+            sde = tt.VPSDE(T=T, eps=args.eps)
+            priors = {"gaussian": sde.prior((2,)), "exact": data.at_time(sde, T)}
+            if T < 1.0:
+                priors["flow"] = tt.train_flow(data, T, args)[0]
+            setup.contenders += [tt.Contender("oracle", T, k, p, sde, tt.oracle_score_fn(data, sde))
+                                 for k, p in priors.items()]
+        return setup.contenders, setup.costs
+    setup = tt.build(data, args)
+    keep = ("oracle", "trained") if args.score == "both" else (args.score,)
+    return [c for c in setup.contenders if c.score in keep], setup.costs
+
+
+def main() -> None:
+    args = parse_args()
+    CONFIGS[:] = _configs(args.full)
+    torch.set_num_threads(args.threads)
+    tt._quiet()
+    start = time.perf_counter()
+    data = tt.make_data(args)
+    dirs = torch.randn(args.directions, 2, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
+    evaluator = tt.Evaluator(data, tt.fresh_sets(data, args, offset=0), dirs / dirs.norm(dim=1, keepdim=True),
+                             args.mmd_bandwidth, args.mmd_n)
+    floor_stats = evaluator(torch.cat(tt.fresh_sets(data, args, offset=1000)))
+    floor = 2.0 * floor_stats["mmd2"].se
+    print(tt.header(args) + f"; NFE grid {args.grid}; reverse-SDE reference {args.ref_steps} steps", flush=True)
+    found, _ = contenders(data, args)
+    cases = [make_case(c, args.reps * args.n, args.seed, i) for i, c in enumerate(found)]
+    rows, summary = [], []
+    for case in cases:
+        references(case, evaluator, args)
+        for config in CONFIGS:
+            nfe_min, evaluated = smallest_nfe(case, config, evaluator, floor, args)
+            rows += evaluated
+            summary.append({"score": case.score, "T": case.T, "prior": case.prior, "config": config.name(),
+                            "nfe_min": nfe_min})
+        print(f"# {case.score} T={case.T:g} {case.prior}: best "
+              f"{(best(summary, case.score, case.T, case.prior) or {}).get('config')} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+    out = Path(args.out)
+    write_csv(out, rows)
+    write_csv(out.with_name(f"{out.stem}_summary{out.suffix}"), summary)
+    tables = report(summary, cases, floor_stats, floor, args)
+    out.with_name(f"{out.stem}_tables.md").write_text(tables + "\n")
+    print(tables)
+    print(f"\n# total wall time {time.perf_counter() - start:.0f} s; CSV: {out}")
+
+
+def report(summary: list[dict], cases: list[Case], floor_stats: dict, floor: float, args: argparse.Namespace) -> str:
+    parts = [f"Data vs data: E[log p] {floor_stats['logp'].fmt(3)}, MMD² ×1e3 {_milli(floor_stats['mmd2'])}; "
+             f"criterion |ΔE[log p]| <= {LOGP_TOL} and ΔMMD² <= {1e3 * floor:.3f}e-3 (2 se of the floor), "
+             f"{args.reps} x {args.n} samples."]
+    for score in ("oracle", "trained"):
+        if any(c.score == score for c in cases):
+            parts.append(f"\n### Smallest NFE to converged quality, {score} score\n\n"
+                         + "\n".join(nfe_table(summary, cases, score, args.grid)))
+    parts.append("\n### NFE at equal (converged) quality: best short-T configuration against the best T = 1 "
+                 "N(0, I) configuration\n\n" + "\n".join(ratio_table(summary, args.short_T, args.grid)))
+    parts.append("\n### Converged references\n\n" + "\n".join(reference_table(cases)))
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    main()
