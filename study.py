@@ -156,6 +156,7 @@ class StudySpec:
     sample_batch_size: int = 250
     device: str = "cpu"
     inception_weights: str | None = None  # FID with Inception where weights exist (GPU clusters)
+    note: str | None = None  # printed at the top of report.md (e.g. how this run differs from the shipped spec)
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
@@ -730,8 +731,9 @@ def run_sample(plan: Plan, unit: Unit) -> None:
     config_path, ckpt = _score_run(plan, unit)
     aux = _aux_ckpt(plan, unit)
     p = unit.params
+    for stale in unit.folder.glob("samples.tmp*"):  # left by an interrupted attempt
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = unit.folder / f"samples.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     args = ["--config", str(config_path), "--ckpt_path", str(ckpt), "--prior", str(aux) if aux else GAUSSIAN,
             "--sampler", p["sampler"], "--steps", str(p["steps"]), "--n", str(p["n"]), "--seed", str(p["seed"]),
             "--batch_size", str(plan.spec.sample_batch_size), "--out", str(tmp), "--device", plan.spec.device]
@@ -1017,7 +1019,7 @@ def report_markdown(plan: Plan, rows: list[dict[str, Any]], figures: list[str]) 
     """report.md: settings, the main table, the bits/dim table, costs, findings, figures."""
     q, first = plan.spec.quality, rows[0]
     accuracy = f", test accuracy {first['extractor_test_accuracy']:.4f}" if first["extractor_test_accuracy"] is not None else ""
-    lines = [f"# T study: {plan.spec.name}", "",
+    lines = [f"# T study: {plan.spec.name}", "", *([plan.spec.note.strip(), ""] if plan.spec.note else []),
              f"Spec `{plan.spec_path.name}`; {len(plan.units) - 1} units. bits/dim: ELBO on the first "
              f"{first['bpd_n']} validation data (`callbacks.BitsPerDim`, n_t = {plan.spec.bpd.n_t}), ± one standard "
              f"error. Quality: Fréchet distance (FD) and precision/recall (Kynkäänniemi et al. 2019, k = {q.k}) of "
@@ -1078,6 +1080,8 @@ def findings(rows: list[dict[str, Any]], T_max: float) -> str:
                            f"{ref['nfe']} NFE (FD {_ci(ref, 'fd')}) at any NFE tested (best FD {_ci(best, 'fd')} at "
                            f"{best['nfe']} NFE): these data do not support the paper's claim for it.")
     out += _bpd_findings(rows, T_max)
+    out.append("(\"Reaches\": the lower end of its FD interval is at or below the upper end of the reference's; "
+               "bits/dim differences count only beyond two combined standard errors.)")
     return " ".join(out)
 
 
@@ -1094,6 +1098,15 @@ def _bpd_findings(rows: list[dict[str, Any]], T_max: float) -> list[str]:
         out.append(f"{_config_name(r)}: bits/dim {_pm(r['bpd_elbo'], r['bpd_elbo_se'])}, {verdict} than "
                    f"T={T_max:g} Gaussian ({_pm(ref['bpd_elbo'], ref['bpd_elbo_se'])}); prior term "
                    f"{r['bpd_prior']:.3f} vs {ref['bpd_prior']:.3f}.")
+    for (T, source, prior), r in by_config.items():
+        trained = by_config.get((T, "trained", prior))
+        if source == "truncated" and trained is not None:
+            diff = r["bpd_elbo"] - trained["bpd_elbo"]
+            se = math.hypot(r["bpd_elbo_se"], trained["bpd_elbo_se"])
+            verdict = "indistinguishable from" if abs(diff) <= 2 * se else ("better than" if diff < 0 else "worse than")
+            out.append(f"Truncating the T={r['T_train']:g} model at T'={T:g} ({prior}) gives bits/dim "
+                       f"{_pm(r['bpd_elbo'], r['bpd_elbo_se'])}, {verdict} the model trained at {T:g} "
+                       f"({_pm(trained['bpd_elbo'], trained['bpd_elbo_se'])}).")
     gaps = [(r, by_config.get((T, source, GAUSSIAN))) for (T, source, prior), r in by_config.items() if prior != GAUSSIAN]
     for r, gauss in gaps:
         if gauss is not None:
