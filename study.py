@@ -1080,9 +1080,31 @@ def findings(rows: list[dict[str, Any]], T_max: float) -> str:
                            f"{ref['nfe']} NFE (FD {_ci(ref, 'fd')}) at any NFE tested (best FD {_ci(best, 'fd')} at "
                            f"{best['nfe']} NFE): these data do not support the paper's claim for it.")
     out += _bpd_findings(rows, T_max)
+    out.insert(0, _verdict(rows, T_max))
     out.append("(\"Reaches\": the lower end of its FD interval is at or below the upper end of the reference's; "
                "bits/dim differences count only beyond two combined standard errors.)")
     return " ".join(out)
+
+
+def _verdict(rows: list[dict[str, Any]], T_max: float) -> str:
+    """Overall: does some T' < T_max with an auxiliary prior match T_max + Gaussian in bits/dim and
+    quality with fewer NFE (the paper's claim, Franzese et al. 2023, Sec. 5)?"""
+    refs = {r["sampler"]: r for r in sorted(rows, key=lambda r: r["nfe"])
+            if r["T"] == T_max and r["source"] == "trained" and r["prior"] == GAUSSIAN}
+    supported = []
+    for r in rows:
+        ref = refs.get(r["sampler"])
+        if ref is None or r["T"] >= T_max or r["prior"] == GAUSSIAN:
+            continue
+        bpd_ok = r["bpd_elbo"] - ref["bpd_elbo"] <= 2 * math.hypot(r["bpd_elbo_se"], ref["bpd_elbo_se"])
+        if bpd_ok and r["nfe"] < ref["nfe"] and r["fd_low"] <= ref["fd_high"]:
+            supported.append(f"{_config_name(r)} with {r['sampler']} at {r['nfe']} NFE")
+    if supported:
+        return ("Overall, these numbers support the paper's claim that a shorter T with an auxiliary prior matches "
+                f"T={T_max:g} with the Gaussian prior in bits/dim and sample quality at fewer NFE: "
+                + "; ".join(supported[:3]) + ".")
+    return ("Overall, these numbers do not support the paper's claim: no T' < " f"{T_max:g} with an auxiliary prior "
+            f"matches T={T_max:g} with the Gaussian prior in both bits/dim and sample quality at fewer NFE.")
 
 
 def _bpd_findings(rows: list[dict[str, Any]], T_max: float) -> list[str]:
