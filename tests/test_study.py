@@ -202,3 +202,26 @@ def test_unit_hash_names_resolved_config(tmp_path):
     assert {u.split("/")[0] for u in moved} == {"bpd", "report"}  # bpd units and the report only
     for unit in plan.units.values():
         assert unit.folder.name.endswith(unit.hash) and unit.hash == study.digest({"kind": unit.kind, "params": unit.params})
+
+
+def test_slurm_script_chains_one_array_job_per_stage(tmp_path):
+    """scripts/slurm_study.sh with a stand-in sbatch: arrays sized by the to-do units, afterok chain, report last."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "sbatch.log"
+    (bin_dir / "sbatch").write_text(f'#!/bin/bash\necho "$@" >> {log}\necho $(( $(wc -l < {log}) + 100 ))\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    path = write_spec(tmp_path)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "slurm_study.sh"), str(path)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 4
+    assert "--array=0-0" in calls[0] and "--task train" in calls[0] and "dependency" not in calls[0]
+    assert "--array=0-0" in calls[1] and "--task aux" in calls[1] and "dependency" not in calls[1]
+    assert "--array=0-8" in calls[2] and "--dependency=afterok:101:102" in calls[2] and "--task evaluate" in calls[2]
+    assert "--dependency=afterok:103" in calls[3] and "--task report" in calls[3]
+    pinned = (tmp_path / "study" / "slurm" / "evaluate.units").read_text().split()
+    plan = study.make_plan(study.load_spec(path), path)
+    assert pinned == [u.id for u in plan.stage("evaluate")]
