@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nrow", type=int, default=None, help="grid width (default: sqrt(n))")
     parser.add_argument("--out", default="samples", help="output folder")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress on stderr (by default: a bar on a terminal, a plain line every 30 s "
+                             "or 10 %% in a log file)")
     args = parser.parse_args(argv)
     for key in ("n", "batch_size", "steps"):
         value = getattr(args, key)
@@ -192,13 +195,23 @@ def choose_sampler(model: nn.Module, name: str | None) -> Sampler:
 
 # ---------------------------------------------------------------------- generation
 def generate(model: nn.Module, sampler: Sampler, n: int, batch_size: int, seed: int,
-             steps: int | None) -> tuple[Tensor, list[dict]]:
-    """n samples, sample i from CPU generators seeded ``seed + i``; the infos of every batch."""
-    def sample_fn(k: int, generator: PerSampleNoise) -> tuple[Tensor, dict]:
-        samples, info = model.sample(k, generator=generator, sampler=sampler, steps=steps)
-        return samples.float().cpu(), info
+             steps: int | None, progress: bool = False) -> tuple[Tensor, list[dict]]:
+    """n samples, sample i from CPU generators seeded ``seed + i``; the infos of every batch.
 
-    chunks, infos = generate_indexed(sample_fn, range(n), seed, batch_size)
+    ``progress``: one bar on stderr over every sampler step of every batch (a long run at 1,000
+    steps was otherwise silent for minutes).
+    """
+    from callbacks.progress import SamplingProgress, planned_steps, progress_bar
+
+    per_batch = planned_steps(sampler, steps)
+    total = per_batch * -(-n // batch_size) if per_batch else None
+    bar = progress_bar("sample.py", total, "step", enabled=progress, stream=sys.stderr)
+    with SamplingProgress(bar, n) as tracker:
+        def sample_fn(k: int, generator: PerSampleNoise) -> tuple[Tensor, dict]:
+            samples, info = model.sample(k, generator=generator, sampler=sampler, steps=steps, callback=tracker.step)
+            return samples.float().cpu(), info
+
+        chunks, infos = generate_indexed(sample_fn, range(n), seed, batch_size, progress=tracker.batch)
     return torch.cat(chunks), infos
 
 
@@ -215,7 +228,9 @@ def write_outputs(samples: Tensor, scaling: Any, out: Path, nrow: int | None, ca
 
 
 # ---------------------------------------------------------------------- entry point
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None, progress: bool = False) -> dict[str, Any]:
+    """Sample as the command line does; ``progress``: the bar on stderr (the command line's
+    default, ``--quiet`` turns it off; Python callers ask for it)."""
     args = parse_args(argv)
     out = Path(args.out)
     check_out(out)
@@ -225,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = model.to(args.device).eval()
     sampler, prior_name = choose_sampler(model, args.sampler), describe_prior(model.prior)
     start = time.perf_counter()
-    samples, infos = generate(model, sampler, args.n, args.batch_size, args.seed, args.steps)
+    samples, infos = generate(model, sampler, args.n, args.batch_size, args.seed, args.steps,
+                              progress=progress and not args.quiet)
     wall = time.perf_counter() - start
     nfe = [int(info["nfe"]) for info in infos]
     caption = f"{args.n} samples | {infos[0]['sampler']} | NFE {max(nfe)} | prior {prior_name} | T {model.eval_sde.T:g}"
@@ -253,7 +269,7 @@ def cli_main() -> None:
     from difftime.checkpoints import CorruptCheckpointError
 
     try:
-        main(resolve_config_args(sys.argv[1:]))
+        main(resolve_config_args(sys.argv[1:]), progress=True)
     except (SampleError, CorruptCheckpointError, FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"sample.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -33,6 +33,7 @@ What this entry point adds to LightningCLI:
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -41,11 +42,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from callbacks.checkpoint_io import KeepLastCheckpointName, SafeCheckpointIO
 from callbacks.preemption import Preempted, Preemption
+from callbacks.progress import DifftimeProgressBar
 from difftime.checkpoints import (CorruptCheckpointError, RunFolderLocked, RunLock, checkpoint_step, check_loadable,
                                   load_verified, quarantine, remove_orphan_temp_files, scan_checkpoints)
 from difftime.utils import ConfigError
@@ -193,12 +197,44 @@ class RunConfigWriter(SaveConfigCallback):
         return path
 
 
+def _names(folder: Path) -> str:
+    return ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+
+
+def help_text() -> str:
+    """What ``train.py fit --help`` says first: where to start, before 500 lines of options."""
+    from configs import ROOT as CONFIGS
+
+    return (
+        "Start from a shipped config (each header states its seconds per step on 2 CPU cores and its run time):\n"
+        f"  configs/<name>.yaml      {_names(CONFIGS)}\n"
+        "                           e.g. --config configs/quickstart.yaml (a ~9-minute CPU fit on real digits)\n"
+        "  configs/aux/<name>.yaml  auxiliary priors nu ~ q_T (stage 1 of the paper's recipe):\n"
+        f"                           {_names(CONFIGS / 'aux')}\n"
+        f"  configs/T/<T>.yaml       the diffusion time T, added after a base config: {_names(CONFIGS / 'T')}\n"
+        "The score model's own arguments and the networks in difftime:\n"
+        "  --model.help lightning_modules.ScoreModule    (the auxiliary prior: lightning_modules.AuxPriorModule)\n"
+        "The resolved config of a command: --print_config. Any key can be set: --model.init_args.sde.init_args.T 0.4\n"
+    )
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help (types, defaults) with descriptions printed as written."""
+
+
 class DifftimeCLI(LightningCLI):
     run_dir: Path | None = None
     checkpoint_step: int | None = None  # global step of the --ckpt_path checkpoint
     checkpoint_record: dict[str, Any] | None = None  # its "difftime" entry (SDE, data shape)
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Every parser keeps the line breaks of its description (the config list of :func:`help_text`)."""
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        return super().init_parser(**kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.usage = "%(prog)s --config CONFIG.yaml [--config MORE.yaml ...] [--KEY VALUE ...]"
+        parser.description = help_text()
         parser.link_arguments("data.data_shape", "model.init_args.data_shape", apply_on="instantiate")
         parser.add_argument("--fresh_start", type=bool, default=False,
                             help="fit: when every checkpoint of the run folder is invalid, start from step 0 "
@@ -429,6 +465,16 @@ class DifftimeCLI(LightningCLI):
             plugins.append(SLURMEnvironment(auto_requeue=False))  # Preemption does it at a step boundary
         return super().instantiate_trainer(plugins=plugins, **kwargs)
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        """DifftimeProgressBar is the default progress bar (a global ETA to ``max_steps``, plain
+        lines outside a terminal), unless the config names another or disables the bar."""
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        wanted = config.get("enable_progress_bar") is not False
+        if wanted and not any(isinstance(c, ProgressBar) for c in [*given, *callbacks]):
+            callbacks = [*callbacks, DifftimeProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
     # ------------------------------------------------------------------ running
     def _at_checkpoint_step(self) -> None:
         """Evaluate at the checkpoint's step: ``trainer.global_step`` (which names every
@@ -455,7 +501,10 @@ def main(args: list[str] | None = None, run: bool = True) -> DifftimeCLI:
         return DifftimeCLI(
             args=args,
             run=run,
-            trainer_defaults={"use_distributed_sampler": False, "callbacks": [Preemption(), KeepLastCheckpointName()]},
+            # enable_autolog_hparams: the modules log a flat record instead of the raw constructor
+            # arguments and the placeholder hp_metric = -1 (DiffusionSystem.log_run_record)
+            trainer_defaults={"use_distributed_sampler": False, "enable_autolog_hparams": False,
+                              "callbacks": [Preemption(), KeepLastCheckpointName()]},
             save_config_callback=RunConfigWriter,
             auto_configure_optimizers=False,
         )

@@ -50,6 +50,8 @@ from typing_extensions import override
 
 from callbacks.contract import SampleSource, is_due
 from callbacks.distributed import generate_shard
+from callbacks.progress import SamplingProgress, progress_for
+from callbacks.sample_grid import sampling_fn
 from difftime import checks
 from difftime.utils import ConfigError, shard_range
 
@@ -226,6 +228,11 @@ class FID(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(name=self.name)
 
+    @property
+    def hparam_metrics(self) -> tuple[str, ...]:
+        """The FID shown in TensorBoard's HParams tab next to the run's record."""
+        return (f"val/{self.name}",)
+
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: Trainer, pl_module: SampleSource, stage: str) -> None:
@@ -319,13 +326,17 @@ class FID(Callback):
                           metric: FrechetDistance) -> tuple[dict, float, int]:
         """This rank's block of samples ``seed + i``; returns the last info, sum of NFE x batch, count."""
         indices = shard_range(self.num_samples, trainer.global_rank, trainer.world_size)
-        sample_fn = lambda k, generator: pl_module.sample(k, generator=generator, steps=self.steps)
+        sampler = getattr(pl_module, "sampler", None)
         info, nfe_total = {}, 0.0
-        for start in range(indices.start, indices.stop, self.batch_size):
-            chunk = range(start, min(start + self.batch_size, indices.stop))
-            samples, info = generate_shard(pl_module, chunk, self.seed, self.batch_size, sample_fn)
-            self._update(metric, pl_module.scaling.to_uint8(samples), real=False)
-            nfe_total += float(info.get("nfe", 0)) * len(chunk)
+        with SamplingProgress.open(trainer, f"FID {self.name} samples", len(indices), self.batch_size, sampler,
+                                   self.steps) as tracker:
+            sample_fn = sampling_fn(pl_module, self.steps, tracker if sampler is not None else None)
+            for start in range(indices.start, indices.stop, self.batch_size):
+                chunk = range(start, min(start + self.batch_size, indices.stop))
+                samples, info = generate_shard(pl_module, chunk, self.seed, self.batch_size, sample_fn)
+                self._update(metric, pl_module.scaling.to_uint8(samples), real=False)
+                nfe_total += float(info.get("nfe", 0)) * len(chunk)
+                tracker.batch(chunk.stop - indices.start, len(indices))
         return info, nfe_total, len(indices)
 
     # ------------------------------------------------------------------ reference statistics
@@ -393,11 +404,13 @@ class FID(Callback):
         mine = chosen[_as_slice(shard_range(len(chosen), trainer.global_rank, trainer.world_size))]
         loader = DataLoader(Subset(dataset, mine.tolist()), batch_size=self.batch_size, shuffle=False)
         levels = float(pl_module.scaling.levels)
-        for batch in loader:
-            # Cell centres 2 (x + 1/2) / L - 1 map back to x exactly: real and generated images
-            # share one conversion (to_uint8), including the rescaling of L != 256 levels.
-            centres = 2.0 * (batch.to(pl_module.device).float() + 0.5) / levels - 1.0
-            self._update(self.metric, pl_module.scaling.to_uint8(centres), real=True)
+        with progress_for(trainer, f"FID {self.name} reference", len(mine), "image") as bar:
+            for batch in loader:
+                # Cell centres 2 (x + 1/2) / L - 1 map back to x exactly: real and generated images
+                # share one conversion (to_uint8), including the rescaling of L != 256 levels.
+                centres = 2.0 * (batch.to(pl_module.device).float() + 0.5) / levels - 1.0
+                self._update(self.metric, pl_module.scaling.to_uint8(centres), real=True)
+                bar.update(len(batch))
 
     # ------------------------------------------------------------------ reporting
     def _record(self, trainer: Trainer, pl_module: SampleSource, stage: str, value: float, info: dict,

@@ -25,7 +25,11 @@ Logged scalars (validation loop; T' printed with three decimals):
 
 plus the figure ``kl_gap/curves`` (TensorBoard) and, written by rank zero,
 ``<log_dir>/kl_gap/step=<step>.csv`` (columns T, prior_bpd, prior_se, diffusion_bpd, diffusion_se,
-total_bpd, total_se, prior; the last is ``gaussian`` or ``aux:<class>``) and the same figure as PNG.
+reconstruction_bpd, reconstruction_se, total_bpd, total_se, prior; the last is ``gaussian`` or
+``aux:<class>``; total = prior + diffusion - reconstruction per row, exactly, for the means) and
+the same figure as PNG. ``<step>`` is ``trainer.global_step``, the step the scalars are logged at.
+``kl_gap/reconstruction`` is logged too (it does not depend on T'). TensorBoard's Custom Scalars
+tab shows one chart per term holding every T' (:attr:`KLGap.scalar_layout`).
 Standard errors are those of the mean over data of one-draw-per-datum estimates, which include the
 Monte-Carlo noise (law of total variance; see :mod:`callbacks.bpd`).
 """
@@ -58,6 +62,8 @@ class Row(NamedTuple):
     prior_se: float
     diffusion_bpd: float
     diffusion_se: float
+    reconstruction_bpd: float  # (R + log_det) / (D ln 2), subtracted: total = prior + diffusion - reconstruction
+    reconstruction_se: float
     total_bpd: float
     total_se: float
     prior: str  # "gaussian" or "aux:<class>"
@@ -86,6 +92,12 @@ class KLGap(EvalSetCallback):
 
     stages = ("val",)
     owner = "KLGap"
+    hparam_metrics = ("kl_gap/T_star", "kl_gap/bpd_star")
+    scalar_layout = {"KL gap over T'": {
+        "prior(T'), the KL gap, bits/dim": ["Multiline", [r"kl_gap/prior/T=.*", r"kl_gap/aux_prior/T=.*"]],
+        "diffusion(T'), bits/dim": ["Multiline", [r"kl_gap/diffusion/T=.*"]],
+        "total bpd(T') = prior + diffusion - reconstruction": ["Multiline", [r"kl_gap/bpd/T=.*", r"kl_gap/aux_bpd/T=.*"]],
+        "T* and its bits/dim": ["Multiline", ["kl_gap/T_star", "kl_gap/bpd_star", "kl_gap/reconstruction"]]}}
 
     def __init__(self, T_grid: list[float] | None = None, n_grid: int = 10, every_n_validations: int = 1,
                  max_samples: int | None = 500, n_t: int = 4, n_prior: int = 1, seed: int = 0,
@@ -129,7 +141,8 @@ class KLGap(EvalSetCallback):
         self.grid = self.make_grid(pl_module.sde.T, pl_module.sde.eps, pl_module.eval_sde.T)
         self.eval_T = pl_module.eval_sde.T
         self.aux = not isinstance(pl_module.prior, GaussianPrior)
-        names = [f"{part}{i}" for i in range(len(self.grid)) for part in ("prior", "diffusion", "total")]
+        parts = ("prior", "diffusion", "reconstruction", "total")
+        names = [f"{part}{i}" for i in range(len(self.grid)) for part in parts]
         self.metric = PerSampleMoments(names + (["aux_prior", "aux_total"] if self.aux else []))
         self.metric.empty(pl_module.device)
         return True
@@ -141,13 +154,13 @@ class KLGap(EvalSetCallback):
         noise = self.noise(ids[keep], DEQUANTIZE, pl_module.device)
         y, log_det = pl_module.scaling(batch[keep], noise)
         dim, sde = y[0].numel(), pl_module.sde
-        results = truncated_elbo(pl_module.score_fn(self.use_ema), sde, y, self.grid, n_t=self.n_t,
+        results = truncated_elbo(self.tracked(pl_module.score_fn(self.use_ema)), sde, y, self.grid, n_t=self.n_t,
                                  n_prior=self.n_prior, generator=noise)
         values: dict[str, Tensor] = {}
         for i, terms in enumerate(results.values()):
             bits = elbo_bits(terms, log_det, dim)
             values.update({f"prior{i}": bits["bpd_prior"], f"diffusion{i}": bits["bpd_diffusion"],
-                           f"total{i}": bits["bpd_elbo"]})
+                           f"reconstruction{i}": bits["bpd_reconstruction"], f"total{i}": bits["bpd_elbo"]})
         if self.aux:  # the auxiliary prior lives at the evaluation's T' only
             at_T = results[pl_module.eval_sde.T]
             kl, kl_se = prior_term(pl_module.eval_sde, pl_module.prior, y, n_prior=self.n_prior, generator=noise)
@@ -159,7 +172,8 @@ class KLGap(EvalSetCallback):
         summary = self.metric.compute()
         rows = self.rows(summary, type(pl_module.prior).__name__)
         best = min((row for row in rows if row.prior == "gaussian"), key=lambda row: row.total_bpd)
-        log_values(pl_module, {**curve_keys(rows), "kl_gap/T_star": best.T, "kl_gap/bpd_star": best.total_bpd})
+        log_values(pl_module, {**curve_keys(rows), "kl_gap/T_star": best.T, "kl_gap/bpd_star": best.total_bpd,
+                               "kl_gap/reconstruction": best.reconstruction_bpd})
         log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank asks
         if trainer.is_global_zero:
             self._write(trainer, Path(log_dir) / "kl_gap", rows, best.T, int(summary["count"]))
@@ -169,12 +183,12 @@ class KLGap(EvalSetCallback):
         def stat(name: str) -> tuple[float, float]:
             return float(summary["mean"][name]), float(summary["se"][name])
 
-        rows = [Row(T, *stat(f"prior{i}"), *stat(f"diffusion{i}"), *stat(f"total{i}"), "gaussian")
-                for i, T in enumerate(self.grid)]
+        rows = [Row(T, *stat(f"prior{i}"), *stat(f"diffusion{i}"), *stat(f"reconstruction{i}"), *stat(f"total{i}"),
+                    "gaussian") for i, T in enumerate(self.grid)]
         if self.aux:
             at_T = rows[self.grid.index(self.eval_T)]
-            rows.append(Row(at_T.T, *stat("aux_prior"), at_T.diffusion_bpd, at_T.diffusion_se, *stat("aux_total"),
-                            f"aux:{prior_name}"))
+            rows.append(Row(at_T.T, *stat("aux_prior"), at_T.diffusion_bpd, at_T.diffusion_se, at_T.reconstruction_bpd,
+                            at_T.reconstruction_se, *stat("aux_total"), f"aux:{prior_name}"))
         return rows
 
     def _write(self, trainer: Trainer, out_dir: Path, rows: list[Row], T_star: float, count: int) -> None:
@@ -184,7 +198,7 @@ class KLGap(EvalSetCallback):
             writer = csv.writer(handle)
             writer.writerow(Row._fields)
             writer.writerows([*(repr(float(v)) for v in row[:-1]), row.prior] for row in rows)
-        figure = curves_figure(rows, T_star, count)
+        figure = curves_figure(rows, T_star, count, step)
         figure.savefig(out_dir / f"step={step:08d}.png", dpi=100)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_figure"):
@@ -208,7 +222,7 @@ def curve_keys(rows: list[Row]) -> dict[str, float]:
     return values
 
 
-def curves_figure(rows: list[Row], T_star: float, count: int):
+def curves_figure(rows: list[Row], T_star: float, count: int, step: int = 0):
     """Prior, diffusion and total bits/dim against T' with +-2 SE bars; auxiliary-prior points marked."""
     import matplotlib
 
@@ -217,9 +231,11 @@ def curves_figure(rows: list[Row], T_star: float, count: int):
 
     gaussian = [row for row in rows if row.prior == "gaussian"]
     T = [row.T for row in gaussian]
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    for name, label in (("prior", "prior (KL gap)"), ("diffusion", "diffusion"), ("total", "total")):
-        means = [getattr(row, f"{name}_bpd") for row in gaussian]
+    figure, axis = plt.subplots(figsize=(8, 5))  # 800 x 500 px: legible in a TensorBoard card
+    terms = (("prior", "prior (KL gap)", 1), ("diffusion", "diffusion", 1),
+             ("reconstruction", "- reconstruction", -1), ("total", "total = sum of the three", 1))
+    for name, label, sign in terms:
+        means = [sign * getattr(row, f"{name}_bpd") for row in gaussian]
         bars = [2 * getattr(row, f"{name}_se") for row in gaussian]
         axis.errorbar(T, means, yerr=bars, marker="o", ms=3, capsize=2, label=label)
     for row in rows:
@@ -228,7 +244,7 @@ def curves_figure(rows: list[Row], T_star: float, count: int):
     axis.axvline(T_star, color="grey", ls="--", lw=1, label=f"T* = {T_star:.3g}")
     axis.set_xlabel("T'")
     axis.set_ylabel("bits/dim")
-    axis.set_title(f"Truncated ELBO, {count} samples")
-    axis.legend(fontsize=7)
+    axis.set_title(f"Truncated ELBO, {count} samples, step {step}", fontsize=9)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.tight_layout()
     return figure

@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from callbacks.contract import SampleSource, is_due
 from callbacks.distributed import gather_samples, generate_shard
+from callbacks.progress import SamplingProgress
 from difftime import checks
 from difftime.render import render
 from difftime.utils import shard_range
@@ -30,6 +31,8 @@ class SampleGrid(Callback):
         steps: sampler steps (None: the sampler's own).
         batch_size: generation batch per rank.
     """
+
+    hparam_metrics = ("samples/nfe",)
 
     def __init__(self, every_n_steps: int = 1000, n: int = 64, nrow: int | None = None,
                  steps: int | None = None, seed: int = 0, batch_size: int = 64) -> None:
@@ -60,8 +63,11 @@ class SampleGrid(Callback):
     def log_samples(self, trainer: Trainer, pl_module: SampleSource) -> None:
         self._last_step = trainer.global_step
         indices = shard_range(self.n, trainer.global_rank, trainer.world_size)
-        sample_fn = lambda k, generator: pl_module.sample(k, generator=generator, steps=self.steps)
-        local, info = generate_shard(pl_module, indices, self.seed, self.batch_size, sample_fn)
+        sampler = getattr(pl_module, "sampler", None)  # None: an auxiliary prior, drawn in one pass
+        with SamplingProgress.open(trainer, f"SampleGrid step {trainer.global_step}", len(indices),
+                                   self.batch_size, sampler, self.steps) as tracker:
+            sample_fn = sampling_fn(pl_module, self.steps, tracker if sampler is not None else None)
+            local, info = generate_shard(pl_module, indices, self.seed, self.batch_size, sample_fn)
         samples = gather_samples(trainer, local.float(), self.n)
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank asks
         if trainer.is_global_zero:
@@ -81,3 +87,10 @@ class SampleGrid(Callback):
             rendered.log(experiment, "samples", step)
             experiment.add_scalar("samples/nfe", float(info.get("nfe", 0)), global_step=step)
         rendered.close()
+
+
+def sampling_fn(pl_module: SampleSource, steps: int | None, tracker: SamplingProgress | None) -> Any:
+    """``(k, generator) -> (samples, info)``, reporting every sampler step to ``tracker`` if given."""
+    if tracker is None:
+        return lambda k, generator: pl_module.sample(k, generator=generator, steps=steps)
+    return lambda k, generator: pl_module.sample(k, generator=generator, steps=steps, callback=tracker.step)

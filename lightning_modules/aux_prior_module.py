@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -83,7 +84,7 @@ class AuxPriorModule(DiffusionSystem):
                               "AuxPriorModule")
         self.n_eval_prior = checks.integer("n_eval_prior", n_eval_prior, "AuxPriorModule")
         self.save_plain_hyperparameters()
-        self.save_hyperparameters(checkpoint_record(prior, sde, data_shape))
+        self.save_hyperparameters(checkpoint_record(prior, sde, data_shape), logger=False)
         self.prior, self.sde, self.data_shape = prior, sde, data_shape
         self.reference_prior = sde.prior(data_shape)
         self._data_init_done = False
@@ -123,8 +124,16 @@ class AuxPriorModule(DiffusionSystem):
     def trainable(self) -> nn.Module:
         return self.prior
 
+    hparam_metrics = ("val/nll_bpd", "val/kl_prior_bpd", "val/kl_prior_gaussian_bpd")
+
+    def run_record(self) -> dict[str, Any]:
+        """The base record plus the auxiliary model's class (HParams tab)."""
+        params = sum(p.numel() for p in self.prior.parameters())
+        return {**super().run_record(), "prior": type(self.prior).__name__, "prior_params": params}
+
     def on_fit_start(self) -> None:
         """ActNorm's data-dependent init on one batch that is identical on every rank."""
+        super().on_fit_start()  # the TensorBoard record
         batch = self._init_batch()
         if batch is not None:
             self._data_init(batch)

@@ -68,7 +68,7 @@ class DiffusionSystem(LightningModule):
         """save_hyperparameters, keeping only plain values (the CLI's class_path dicts are plain)."""
         with warnings.catch_warnings():  # modules given directly in Python are dropped just below
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
-            self.save_hyperparameters(frame=inspect.currentframe().f_back)
+            self.save_hyperparameters(frame=inspect.currentframe().f_back, logger=False)
         self.remove_ignored_hparams([k for k, v in self.hparams.items() if not is_plain(v)])
 
     def trainable(self) -> nn.Module:
@@ -86,6 +86,87 @@ class DiffusionSystem(LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ TensorBoard record
+    #: scalars the HParams tab shows next to :meth:`run_record` (callbacks add their own
+    #: ``hparam_metrics``, e.g. BitsPerDim's ``val/bpd_elbo``)
+    hparam_metrics: tuple[str, ...] = ()
+    #: custom-scalars charts of this module (callbacks add their own ``scalar_layout``)
+    scalar_layout: dict[str, dict[str, list]] = {}
+    _record_logged = False
+
+    def run_record(self) -> dict[str, Any]:
+        """The flat, readable hyperparameters of the run for TensorBoard's HParams tab.
+
+        Raw ``save_hyperparameters`` output is nested constructor arguments (``sde/init_args/T``,
+        ``_instantiator``); this is what a reader compares runs by. Subclasses extend it. The tab
+        sorts the keys and ticks the first five, so the names put T, T', data, prior and sampler
+        first (upper case sorts before lower case).
+        """
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        name = type(datamodule).__name__.removesuffix("DataModule") if datamodule is not None else "?"
+        shape = "x".join(str(d) for d in self.data_shape)
+        record: dict[str, Any] = {"T": float(self.sde.T), "data": f"{name} {shape}", "sde": type(self.sde).__name__,
+                                  "sde_eps": float(self.sde.eps),
+                                  "train_batch_size": int(getattr(datamodule, "batch_size", 0) or 0),
+                                  "train_seed": self.seed}
+        if self._trainer is not None and self.trainer.optimizers:
+            record["train_lr"] = float(self.trainer.optimizers[0].defaults.get("lr", float("nan")))
+        return record
+
+    def _metrics_and_layout(self) -> tuple[list[str], dict[str, dict[str, list]]]:
+        metrics, layout = list(self.hparam_metrics), dict(self.scalar_layout)
+        for callback in self.trainer.callbacks:
+            metrics += [m for m in getattr(callback, "hparam_metrics", ()) if m not in metrics]
+            layout.update(getattr(callback, "scalar_layout", {}) or {})
+        return metrics, layout
+
+    def log_run_record(self) -> None:
+        """Write :meth:`run_record`, its metrics and the custom-scalars layout to TensorBoard, once.
+
+        Written directly (``torch.utils.tensorboard.summary.hparams``), not through
+        ``logger.log_hyperparams``, which would log each metric at step 0 and, without one, the
+        placeholder ``hp_metric = -1``; ``train.py`` turns Lightning's own hparams logging off.
+        """
+        experiment = getattr(self.logger, "experiment", None) if self._trainer is not None else None
+        if self._record_logged or not self.trainer.is_global_zero or not hasattr(experiment, "add_custom_scalars"):
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        record, (metrics, layout) = self.run_record(), self._metrics_and_layout()
+        writer = experiment._get_file_writer()
+        for summary in hparams(record, {m: 0.0 for m in metrics}):
+            writer.add_summary(summary, self.trainer.global_step)
+        if layout:
+            experiment.add_custom_scalars(layout)
+        if isinstance(getattr(self.logger, "hparams", None), dict):
+            self.logger.hparams.update(record)  # hparams.yaml beside the events: the same record
+        self._record_logged = True
+
+    def on_fit_start(self) -> None:
+        self.log_run_record()
+
+    def on_validation_start(self) -> None:
+        self.log_run_record()  # validate: no fit started
+
+    def on_test_start(self) -> None:
+        self.log_run_record()
+
+    def on_validation_epoch_end(self) -> None:
+        """Validation scalars at ``global_step``, the step the callbacks name their figures and
+        files by (Lightning would log them at the number of batches that stepped, one less)."""
+        if not self.trainer.sanity_checking:
+            self.log("step", float(self.trainer.global_step), on_step=False, on_epoch=True)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("step", float(self.trainer.global_step), on_step=False, on_epoch=True)
+
+    def on_validation_end(self) -> None:
+        """Forget the logged ``step`` once it is written: ModelCheckpoint names later checkpoints
+        by a ``step`` in ``callback_metrics`` (it would reuse this validation's step)."""
+        self.trainer.callback_metrics.pop("step", None)
+
+    on_test_end = on_validation_end
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -78,6 +78,7 @@ class ScoreModule(DiffusionSystem):
     ) -> None:
         super().__init__(optimizer, lr_scheduler, seed=seed, max_consecutive_skips=max_consecutive_skips)
         checks.real("ema_decay", ema_decay, "ScoreModule", 0.0, 1.0, low_open=False)
+        self.ema_decay = float(ema_decay)
         self.save_plain_hyperparameters()
         self.net, self.sde, self.data_shape = net, sde, tuple(int(d) for d in data_shape)
         if hasattr(net, "check_input_shape"):
@@ -117,6 +118,21 @@ class ScoreModule(DiffusionSystem):
         state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("prior.")}
         state.update({f"prior.{k}": v for k, v in self.prior.state_dict().items()})
         checkpoint["state_dict"] = state
+
+    # ------------------------------------------------------------------ TensorBoard record
+    hparam_metrics = ("val/loss",)
+    scalar_layout = {"loss": {"train/loss and val/loss": ["Multiline", ["train/loss", "val/loss"]]}}
+
+    def run_record(self) -> dict[str, Any]:
+        """The base record plus what a score run is compared by: T', prior, sampler, network."""
+        record = super().run_record()
+        steps = getattr(self.sampler, "steps", None)
+        record.update({"T_eval": float(self.eval_sde.T), "prior": describe_prior(self.prior), "sampler": self.sampler.name,
+                       "sampler_steps": int(steps) if steps is not None else "adaptive",
+                       "score_net": type(self.net).__name__, "score_net_params": sum(p.numel() for p in self.net.parameters()),
+                       "train_ema_decay": float(self.ema_decay),
+                       "train_loss_weighting": str(getattr(self.loss_fn, "weighting", "?"))})
+        return record
 
     # ------------------------------------------------------------------ inference
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
@@ -201,6 +217,9 @@ class ScoreModule(DiffusionSystem):
         self.log(f"{stage}/loss", metric, on_step=False, on_epoch=True)
         return loss.mean()
 
+    #: called after every sampler step of :meth:`predict_step` (the progress bar sets it per batch)
+    step_callback: Callable[[dict], None] | None = None
+
     def predict_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
         """``train.py predict``: samples for the indices in ``batch``, sample i from seed ``seed + i``.
 
@@ -208,5 +227,5 @@ class ScoreModule(DiffusionSystem):
         and rounded; vector data in model space).
         """
         noise = PerSampleNoise([self.seed + int(i) for i in batch], self.device)
-        samples, _ = self.sample(batch.shape[0], generator=noise)
+        samples, _ = self.sample(batch.shape[0], generator=noise, callback=self.step_callback)
         return {"index": batch, "samples": self.scaling.to_output(samples)}

@@ -155,3 +155,17 @@ def test_predict_writes_the_same_samples_for_any_batch_size(tmp_path, monkeypatc
     assert outputs[0]["index"].tolist() == list(range(8))
     assert outputs[0]["samples"].dtype == np.uint8 and outputs[0]["samples"].shape == (8, 1, 8, 8)
     assert np.abs(outputs[0]["samples"].astype(int) - outputs[1]["samples"].astype(int)).max() <= 1
+
+
+def test_fit_help_starts_with_the_configs_and_the_model_help(capsys):
+    """``fit --help`` says where to start before the option list (it was 490 lines of options)."""
+    import train
+
+    with pytest.raises(SystemExit):
+        train.main(args=["fit", "--help"])
+    head = "\n".join(capsys.readouterr().out.splitlines()[:14])
+    assert "usage: " in head and "--config CONFIG.yaml" in head
+    for pointer in ("configs/<name>.yaml", "quickstart", "configs/aux/<name>.yaml", "digits_glow",
+                    "configs/T/<T>.yaml", "0.4", "--model.help lightning_modules.ScoreModule"):
+        assert pointer in head, pointer
+    assert head.index("configs/<name>.yaml") < head.index("options:") if "options:" in head else True

@@ -170,7 +170,7 @@ def test_bad_arguments_raise_config_errors():
 def test_oracle_gaussian_prior_matches_closed_forms(tmp_path):
     sde, data, datamodule, module = gaussian_case()
     grid = [0.1, 0.3]
-    metrics = validate(module, datamodule, [BitsPerDim(n_t=16, ode_max_samples=12),
+    metrics = validate(module, datamodule, [BitsPerDim(n_t=16, ode=True, ode_max_samples=12),
                                             KLGap(T_grid=grid, max_samples=None, n_t=8)], tmp_path)
     T = sde.T
     expected = (data.entropy() + marginal_kl(sde, T) + decoder_gap(sde)) / LN2D
@@ -214,7 +214,7 @@ def test_oracle_auxiliary_prior_decomposition(tmp_path):
     """An exact q_T as the module's prior (not a GaussianPrior) takes the auxiliary-prior path."""
     sde, data, datamodule, module = gaussian_case(n_val=800)
     module.prior = data.at_time(sde, sde.T)
-    metrics = validate(module, datamodule, [BitsPerDim(n_t=16, n_prior=8, ode_max_samples=8),
+    metrics = validate(module, datamodule, [BitsPerDim(n_t=16, n_prior=8, ode=True, ode_max_samples=8),
                                             KLGap(T_grid=[0.3], max_samples=None, n_t=8, n_prior=8)], tmp_path)
     expected = (data.entropy() + decoder_gap(sde)) / LN2D  # no prior gap with the exact q_T
     assert abs(metrics["val/bpd_elbo"] - expected) < 4 * metrics["val/bpd_elbo_se"], (metrics, expected)
@@ -249,7 +249,7 @@ def test_results_do_not_depend_on_batch_size(tmp_path):
     results = []
     for batch in (50, 100):
         _, _, datamodule, module = gaussian_case(n_val=200, eval_batch_size=batch)
-        callbacks = [BitsPerDim(n_t=4, ode_max_samples=8), KLGap(T_grid=[0.2], max_samples=150, n_t=2)]
+        callbacks = [BitsPerDim(n_t=4, ode=True, ode_max_samples=8), KLGap(T_grid=[0.2], max_samples=150, n_t=2)]
         results.append(validate(module, datamodule, callbacks, tmp_path / str(batch)))
     assert results[0].keys() == results[1].keys() and "val/bpd_ode" in results[0]
     for key, value in results[0].items():
@@ -310,7 +310,7 @@ def test_image_bits_use_the_8bit_log_det(tmp_path):
     sde = VPSDE(T=1.0, eps=1e-3)
     datamodule = MLXtendMNISTDataModule(eval_batch_size=4)
     module = ScoreModule(net=TinyNet(), sde=sde, data_shape=(1, 28, 28), ema_decay=0.0)
-    callback = BitsPerDim(n_t=3, max_samples=4, ode_max_samples=2, ode_rtol=1e-4, ode_atol=1e-4)
+    callback = BitsPerDim(n_t=3, max_samples=4, ode=True, ode_max_samples=2, ode_rtol=1e-4, ode_atol=1e-4)
     metrics = validate(module, datamodule, [callback], tmp_path, limit_val_batches=1)
 
     # direct computation on the same four images with the same per-sample noise
@@ -341,6 +341,7 @@ trainer:
       init_args:
         n_t: 2
         max_samples: 4
+        ode: true           # off by default
         ode_max_samples: 2
         ode_method: euler   # one step eps -> T: the wiring, not the accuracy, is tested here
         ode_every_n_validations: 2
@@ -395,8 +396,8 @@ def test_fit_writes_every_key_to_tensorboard_and_csv(tmp_path):
     assert "kl_gap/curves" in events.Tags()["images"]
     for step in (2, 4):
         rows = read_csv(run / "kl_gap" / f"step={step:08d}.csv")
-        assert list(rows[0]) == ["T", "prior_bpd", "prior_se", "diffusion_bpd", "diffusion_se", "total_bpd",
-                                 "total_se", "prior"]
+        assert list(rows[0]) == ["T", "prior_bpd", "prior_se", "diffusion_bpd", "diffusion_se", "reconstruction_bpd",
+                                 "reconstruction_se", "total_bpd", "total_se", "prior"]
         assert [float(r["T"]) for r in rows] == [0.5, 1.0]
         assert all(math.isfinite(float(r["total_bpd"])) for r in rows)
 
