@@ -231,7 +231,7 @@ def curves_figure(rows: list[Row], T_star: float, count: int, step: int = 0):
 
     gaussian = [row for row in rows if row.prior == "gaussian"]
     T = [row.T for row in gaussian]
-    figure, axis = plt.subplots(figsize=(8, 5))  # 800 x 500 px: legible in a TensorBoard card
+    figure, axis = plt.subplots(figsize=(6, 4.2))  # large type: TensorBoard shows it card-sized
     terms = (("prior", "prior (KL gap)", 1), ("diffusion", "diffusion", 1),
              ("reconstruction", "- reconstruction", -1), ("total", "total = sum of the three", 1))
     for name, label, sign in terms:
@@ -242,9 +242,9 @@ def curves_figure(rows: list[Row], T_star: float, count: int, step: int = 0):
         if row.prior != "gaussian":
             axis.plot([row.T] * 2, [row.prior_bpd, row.total_bpd], "k*", ms=8, label=f"{row.prior} prior / total")
     axis.axvline(T_star, color="grey", ls="--", lw=1, label=f"T* = {T_star:.3g}")
-    axis.set_xlabel("T'")
-    axis.set_ylabel("bits/dim")
-    axis.set_title(f"Truncated ELBO, {count} samples, step {step}", fontsize=9)
-    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    axis.set_xlabel("T'", fontsize=11)
+    axis.set_ylabel("bits/dim", fontsize=11)
+    axis.set_title(f"Truncated ELBO, {count} samples, step {step}", fontsize=11)
+    axis.legend(fontsize=9, loc="best", framealpha=0.8)
     figure.tight_layout()
     return figure

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
@@ -128,19 +129,20 @@ class DiffusionSystem(LightningModule):
         ``logger.log_hyperparams``, which would log each metric at step 0 and, without one, the
         placeholder ``hp_metric = -1``; ``train.py`` turns Lightning's own hparams logging off.
         """
-        experiment = getattr(self.logger, "experiment", None) if self._trainer is not None else None
-        if self._record_logged or not self.trainer.is_global_zero or not hasattr(experiment, "add_custom_scalars"):
-            return
+        logger = self.logger if self._trainer is not None else None
+        if self._record_logged or not isinstance(logger, TensorBoardLogger) or not self.trainer.is_global_zero:
+            return  # fast_dev_run's DummyLogger, no logger, or another logger
         from torch.utils.tensorboard.summary import hparams
 
         record, (metrics, layout) = self.run_record(), self._metrics_and_layout()
+        experiment = logger.experiment
         writer = experiment._get_file_writer()
         for summary in hparams(record, {m: 0.0 for m in metrics}):
             writer.add_summary(summary, self.trainer.global_step)
         if layout:
             experiment.add_custom_scalars(layout)
-        if isinstance(getattr(self.logger, "hparams", None), dict):
-            self.logger.hparams.update(record)  # hparams.yaml beside the events: the same record
+        if isinstance(logger.hparams, dict):
+            logger.hparams.update(record)  # hparams.yaml beside the events: the same record
         self._record_logged = True
 
     def on_fit_start(self) -> None:
