@@ -298,10 +298,14 @@ class BitsPerDim(EvalSetCallback):
     """
 
     owner = "BitsPerDim"
-    scalar_layout = {"bits/dim": {
-        "ELBO bits/dim = prior + diffusion - reconstruction": [
-            "Multiline", ["val/bpd_elbo", "val/bpd_prior", "val/bpd_diffusion", "val/bpd_reconstruction"]],
-        "ELBO vs ODE bits/dim": ["Multiline", ["val/bpd_elbo", "val/bpd_ode"]]}}
+    @property
+    def scalar_layout(self) -> dict[str, dict[str, list]]:
+        """Custom-scalars charts (tags are regular expressions, hence anchored)."""
+        terms = ["^val/bpd_elbo$", "^val/bpd_prior$", "^val/bpd_diffusion$", "^val/bpd_reconstruction$"]
+        charts = {"ELBO bits/dim = prior + diffusion - reconstruction": ["Multiline", terms]}
+        if self.ode:
+            charts["ELBO vs ODE bits/dim"] = ["Multiline", ["^val/bpd_elbo$", "^val/bpd_ode$"]]
+        return {"bits/dim": charts}
 
     @property
     def hparam_metrics(self) -> tuple[str, ...]:

@@ -97,7 +97,7 @@ class KLGap(EvalSetCallback):
         "prior(T'), the KL gap, bits/dim": ["Multiline", [r"kl_gap/prior/T=.*", r"kl_gap/aux_prior/T=.*"]],
         "diffusion(T'), bits/dim": ["Multiline", [r"kl_gap/diffusion/T=.*"]],
         "total bpd(T') = prior + diffusion - reconstruction": ["Multiline", [r"kl_gap/bpd/T=.*", r"kl_gap/aux_bpd/T=.*"]],
-        "T* and its bits/dim": ["Multiline", ["kl_gap/T_star", "kl_gap/bpd_star", "kl_gap/reconstruction"]]}}
+        "T* and its bits/dim": ["Multiline", ["^kl_gap/T_star$", "^kl_gap/bpd_star$", "^kl_gap/reconstruction$"]]}}
 
     def __init__(self, T_grid: list[float] | None = None, n_grid: int = 10, every_n_validations: int = 1,
                  max_samples: int | None = 500, n_t: int = 4, n_prior: int = 1, seed: int = 0,

@@ -121,7 +121,7 @@ class ScoreModule(DiffusionSystem):
 
     # ------------------------------------------------------------------ TensorBoard record
     hparam_metrics = ("val/loss",)
-    scalar_layout = {"loss": {"train/loss and val/loss": ["Multiline", ["train/loss", "val/loss"]]}}
+    scalar_layout = {"loss": {"train/loss and val/loss": ["Multiline", ["^train/loss$", "^val/loss$"]]}}
 
     def run_record(self) -> dict[str, Any]:
         """The base record plus what a score run is compared by: T', prior, sampler, network."""

@@ -66,7 +66,8 @@ def test_custom_scalars_put_every_T_of_a_term_in_one_chart(run):
     charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
     assert any(r"kl_gap/prior/T=.*" in tags for tags in charts.values())
     assert any(r"kl_gap/diffusion/T=.*" in tags for tags in charts.values())
-    assert any("val/bpd_reconstruction" in tags for tags in charts.values())
+    assert any("^val/bpd_reconstruction$" in tags for tags in charts.values())
+    assert not any("^val/bpd_ode$" in tags for tags in charts.values())  # no ODE chart when ode is off
 
 
 def test_steps_agree_between_scalars_figures_files_and_checkpoints(run):
