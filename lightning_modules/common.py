@@ -46,6 +46,23 @@ def _describe(record: dict[str, Any]) -> str:
     return f"{sde['class']}({params}) on data of shape {tuple(record['data_shape'])}"
 
 
+def without_epoch(logger: TensorBoardLogger) -> None:
+    """Drop the ``epoch`` scalar Lightning adds to every training log.
+
+    Step-based runs have no use for it, and it was the first card TensorBoard's default view
+    opened. (Lightning adds it unless a ``step`` key is logged, and a logged ``step`` would also
+    rename the checkpoints ModelCheckpoint writes, so the key is filtered here instead.)
+    """
+    if getattr(logger, "_drops_epoch", False):
+        return
+    log_metrics = logger.log_metrics
+
+    def filtered(metrics: dict[str, float], step: int | None = None) -> None:
+        log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+    logger.log_metrics, logger._drops_epoch = filtered, True
+
+
 class DiffusionSystem(LightningModule):
     """Base of ScoreModule and AuxPriorModule: counter-based noise and guarded optimizer steps.
 
@@ -143,6 +160,7 @@ class DiffusionSystem(LightningModule):
             experiment.add_custom_scalars(layout)
         if isinstance(logger.hparams, dict):
             logger.hparams.update(record)  # hparams.yaml beside the events: the same record
+        without_epoch(logger)
         self._record_logged = True
 
     def on_fit_start(self) -> None:

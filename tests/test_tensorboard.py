@@ -56,6 +56,7 @@ def test_hparams_tab_holds_a_flat_record_and_real_metrics(run):
     metrics = {m.name.tag for m in experiment.metric_infos}
     assert {"val/bpd_elbo", "val/loss", "kl_gap/T_star", "samples/nfe"} <= metrics
     assert "hp_metric" not in acc.Tags()["scalars"] and "val/bpd_ode" not in metrics  # ode is off by default
+    assert "epoch" not in acc.Tags()["scalars"]  # it was the first card of the default view
 
 
 def test_custom_scalars_put_every_T_of_a_term_in_one_chart(run):
