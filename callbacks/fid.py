@@ -53,6 +53,7 @@ from callbacks.distributed import generate_shard
 from callbacks.progress import SamplingProgress, progress_for
 from callbacks.sample_grid import sampling_fn
 from difftime import checks
+from difftime.quality import frechet_distance
 from difftime.utils import ConfigError, shard_range
 
 _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
@@ -65,21 +66,6 @@ def gaussian_moments(feature_sum: Tensor, cov_sum: Tensor, n: Tensor | int) -> t
     mean = feature_sum.double() / n
     cov = (cov_sum.double() - n * torch.outer(mean, mean)) / (n - 1.0)
     return mean, cov
-
-
-def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> Tensor:
-    """Fréchet distance between N(mu1, cov1) and N(mu2, cov2) (Heusel et al. 2017, Eq. 6), float64.
-
-    Tr (S1 S2)^(1/2) = Tr (S1^(1/2) S2 S1^(1/2))^(1/2): the inner matrix is symmetric positive
-    semi-definite, so both roots come from ``eigh`` (no complex eigenvalues of the non-symmetric
-    product); round-off negatives are clipped to 0.
-    """
-    mu1, cov1, mu2, cov2 = (x.double() for x in (mu1, cov1, mu2, cov2))
-    values, vectors = torch.linalg.eigh((cov1 + cov1.T) / 2)
-    root1 = (vectors * values.clamp_min(0).sqrt()) @ vectors.T
-    inner = root1 @ cov2 @ root1
-    trace_root = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
-    return (mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2.0 * trace_root
 
 
 class FrechetDistance(FrechetInceptionDistance):

@@ -42,8 +42,8 @@ def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> Te
     """Fréchet distance of N(mu1, cov1) and N(mu2, cov2) (Heusel et al. 2017, Eq. 6), float64.
 
     ``Tr (S1 S2)^(1/2) = Tr (S1^(1/2) S2 S1^(1/2))^(1/2)``; the inner matrix is symmetric PSD,
-    so both square roots come from ``eigh`` (round-off negatives clipped to 0). The same formula
-    as the FID callback's.
+    so both square roots come from ``eigh`` (no complex eigenvalues of the non-symmetric product;
+    round-off negatives clipped to 0). The FID callback uses this function too.
     """
     mu1, cov1, mu2, cov2 = (x.double() for x in (mu1, cov1, mu2, cov2))
     values, vectors = torch.linalg.eigh((cov1 + cov1.T) / 2)
