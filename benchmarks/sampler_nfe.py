@@ -44,14 +44,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import t_tradeoff_gmm as tt  # noqa: E402
 
+from difftime.grid_fit import GridCosts, grid_costs  # noqa: E402
 from difftime.samplers import SAMPLERS, adaptive_ode, sde_dpm_solver_pp  # noqa: E402
-from difftime.schedules import SCHEDULES  # noqa: E402
+from difftime.schedules import SCHEDULES, Schedule  # noqa: E402
 from difftime.utils import step_seed  # noqa: E402
 
 LOGP_TOL = 0.05
 NFE_GRID = {"quick": [3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 30, 50, 100, 200],
             "full": [3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 20, 25, 30, 40, 50, 70, 100, 140, 200, 300, 400]}
-_X_T_STREAM, _NOISE_STREAM = 21, 22
+_X_T_STREAM, _NOISE_STREAM, _PILOT_STREAM = 21, 22, 23
+PILOT_N, CANDIDATES = 512, 240  # fitted grids: pilot batch from the case's prior, candidate LogSNR times
 
 
 @dataclass(frozen=True)
@@ -65,29 +67,38 @@ class Config:
     def stochastic(self) -> bool:
         return self.sampler in ("euler_maruyama", "predictor_corrector", "sde_dpm_solver_pp")
 
-    def build(self, steps: int):
-        return SAMPLERS[self.sampler](steps=steps, schedule=SCHEDULES[self.schedule](), **dict(self.options))
+    def build(self, steps: int, case: "Case"):
+        return SAMPLERS[self.sampler](steps=steps, schedule=self.grid(steps, case), **dict(self.options))
+
+    def grid(self, steps: int, case: "Case") -> Schedule:
+        """The schedule; "fitted" is :func:`difftime.grid_fit.grid_costs` on the case's own score and prior."""
+        return case.fitted().schedule(steps) if self.schedule == "fitted" else SCHEDULES[self.schedule]()
 
     def name(self) -> str:
         return f"{self.label} / {self.schedule}"
 
 
 def _configs(full: bool) -> list[Config]:
+    """The quick subset (schedule letters: Uniform t, Log-SNR, Karras, Fitted) or, with ``full``, every
+    sampler on U, L, K and (deterministic samplers) F."""
     two, three = (("order", 2), ("corrector", False)), (("order", 3), ("corrector", False))
     unic2, unic3 = (("order", 2), ("corrector", True)), (("order", 3), ("corrector", True))
-    kinds = [("EM", "euler_maruyama", (), "UL"), ("Heun", "heun_ode", (), "ULK"), ("DDIM", "ddim", (), "L"),
-             ("DPM++2M", "dpm_solver_pp", two, "ULK"), ("DPM++3M", "dpm_solver_pp", three, "L"),
-             ("DPM++2M+UniC", "dpm_solver_pp", unic2, "LK"), ("DPM++3M+UniC", "dpm_solver_pp", unic3, "L"),
+    kinds = [("EM", "euler_maruyama", (), "UL"), ("Heun", "heun_ode", (), "ULK"), ("DDIM", "ddim", (), "LF"),
+             ("DPM++2M", "dpm_solver_pp", two, "ULKF"), ("DPM++3M", "dpm_solver_pp", three, "L"),
+             ("DPM++2M+UniC", "dpm_solver_pp", unic2, "LKF"), ("DPM++3M+UniC", "dpm_solver_pp", unic3, "L"),
              ("SDE-DPM++2M", "sde_dpm_solver_pp", (("eta", 1.0),), "LK"),
-             ("DPM++2M+UniC+Tweedie", "dpm_solver_pp", unic2 + (("denoise", True),), "L")]
+             ("DPM++2M+UniC+Tweedie", "dpm_solver_pp", unic2 + (("denoise", True),), "LF")]
     if full:
         kinds += [("DPM++2M exact", "dpm_solver_pp", two + (("variant", "exact"),), "L"),
                   ("DPM++2M+UniC no-lof", "dpm_solver_pp", unic2 + (("lower_order_final", False),), "L"),
                   ("DDIM+Tweedie", "ddim", (("denoise", True),), "L"),
                   ("SDE-DPM++2M eta=0.5", "sde_dpm_solver_pp", (("eta", 0.5),), "L")]
-    names = {"U": "uniform_t", "L": "log_snr", "K": "karras"}
-    return [Config(label, name, names[k] if not full else s, opts) for label, name, opts, keys in kinds
-            for k, s in zip(keys if not full else "ULK", ("uniform_t", "log_snr", "karras"))]
+    names = {"U": "uniform_t", "L": "log_snr", "K": "karras", "F": "fitted"}
+    configs = [Config(label, name, names[k], opts) for label, name, opts, keys in kinds for k in keys]
+    if full:
+        configs = [Config(label, name, names[k], opts) for label, name, opts, _ in kinds
+                   for k in "ULK" + ("" if Config(label, name, "", opts).stochastic else "F")]
+    return configs
 
 
 CONFIGS: list[Config] = []  # set in main: the quick subset or, with --full, every sampler x schedule
@@ -111,12 +122,26 @@ class Case:
     contender: tt.Contender
     x_T: Tensor
     refs: dict[str, dict] = field(default_factory=dict)
+    pilot_seed: int = 0
+    costs: GridCosts | None = None
+    fit_seconds: float = 0.0
+
+    def fitted(self) -> GridCosts:
+        """Step costs of this case's score from a pilot batch of its prior (seeds the evaluation does
+        not use), computed once; every fitted grid of the case is cut from them."""
+        if self.costs is None:
+            start = time.perf_counter()
+            with torch.no_grad():
+                pilot = self.contender.prior.sample(PILOT_N, torch.Generator().manual_seed(self.pilot_seed)).float()
+            self.costs = grid_costs(self.contender.score_fn, self.contender.sde, pilot, CANDIDATES)
+            self.fit_seconds = time.perf_counter() - start
+        return self.costs
 
 
 def make_case(c: tt.Contender, n: int, seed: int, index: int) -> Case:
     with torch.no_grad():
         x_T = c.prior.sample(n, torch.Generator().manual_seed(step_seed(seed, _X_T_STREAM, index))).float()
-    return Case(c.score, c.T, c.prior_name, c, x_T)
+    return Case(c.score, c.T, c.prior_name, c, x_T, pilot_seed=step_seed(seed, _PILOT_STREAM, index))
 
 
 def references(case: Case, evaluator: tt.Evaluator, args: argparse.Namespace) -> None:
@@ -145,7 +170,7 @@ def smallest_nfe(case: Case, config: Config, evaluator: tt.Evaluator, floor: flo
         steps = steps_for(config, nfe)
         if steps is None:
             continue
-        x, info = config.build(steps)(case.contender.score_fn, case.contender.sde, case.x_T, generator=_noise(args))
+        x, info = config.build(steps, case)(case.contender.score_fn, case.contender.sde, case.x_T, generator=_noise(args))
         metrics = evaluator(x)
         ok = converged(metrics, ref, floor)
         rows.append({"score": case.score, "T": case.T, "prior": case.prior, "config": config.name(),
@@ -297,6 +322,12 @@ def report(summary: list[dict], cases: list[Case], floor_stats: dict, floor: flo
         if any(c.score == score for c in cases):
             parts.append(f"\n### Smallest NFE to converged quality, {score} score\n\n"
                          + "\n".join(nfe_table(summary, cases, score, args.grid)))
+    fits = [c for c in cases if c.costs is not None]
+    if fits:
+        parts.append(f"\nFitted grids (schedule `fitted`): `difftime.grid_fit.grid_costs` with each case's own score "
+                     f"on {PILOT_N} pilot samples of its prior (seeds the evaluation does not use), {CANDIDATES} "
+                     f"candidate LogSNR times, {fits[0].costs.nfe} score evaluations on the pilot batch once per case "
+                     f"(not in the NFE columns; {sum(c.fit_seconds for c in fits) / len(fits):.1f} s per case here).")
     parts.append("\n### NFE at equal (converged) quality: best short-T configuration against the best T = 1 "
                  "N(0, I) configuration\n\n" + "\n".join(ratio_table(summary, args.short_T, args.grid)))
     parts.append("\n### Converged references\n\n" + "\n".join(reference_table(cases)))

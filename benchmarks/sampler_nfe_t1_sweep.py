@@ -2,15 +2,14 @@
 
 Looks for a DPM-Solver++ configuration that reaches converged quality (sampler_nfe.py's criterion:
 |Delta E[log p]| <= 0.05 nats and Delta MMD^2 <= 2 se of the data floor, against the dopri5
-reference) at <= 12 NFE: Karras rho in {3, 5, 7, 10} and log-SNR grids, order 2 and 3 with the
-UniC-style corrector, with and without the final Tweedie step. Each cell prints
-``NFE:Y/.(Delta E[log p], Delta MMD^2 x 1e3)``. Result (benchmarks/results/sampler_nfe_t1_sweep.txt):
-no configuration converges at <= 12 NFE. The closest is log-SNR, order 2 + UniC, no Tweedie step:
-at 10 NFE -0.055 nats and +1.95e-3 MMD^2, at 12 NFE -0.035 nats and +0.43e-3 (the floor is
-0.42e-3). Karras grids are worse at T = 1 on these data (rho = 3 diverges; rho >= 5 stays 0.1-1
-nats off up to 12 NFE).
+reference of the same x_T) at <= 10 NFE: Karras rho in {5, 7}, LogSNR and fitted grids
+(:mod:`difftime.grid_fit`, 512 pilot samples of N(0, I) with their own seed, 240 candidates), order 2
+and 3, with and without the UniC-style corrector and the final Tweedie step. Each configuration
+runs from two independent x_T draws of 3 x 1000 samples; a cell reads
+``NFE:marks(Delta E[log p], Delta MMD^2 x 1e3 of the first draw)``, a mark per draw (Y converged).
+Results: ``benchmarks/results/sampler_nfe_t1_sweep.txt``.
 
-    python benchmarks/sampler_nfe_t1_sweep.py    # about 4 minutes on one shared thread
+    python benchmarks/sampler_nfe_t1_sweep.py    # about 3 minutes on one thread
 """
 
 from __future__ import annotations
@@ -25,16 +24,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import sampler_nfe as sn  # noqa: E402
 import t_tradeoff_gmm as tt  # noqa: E402
+from difftime.grid_fit import grid_costs  # noqa: E402
 from difftime.samplers import DPMSolverPP  # noqa: E402
-from difftime.schedules import KarrasRho, LogSNR, Schedule  # noqa: E402
+from difftime.schedules import KarrasRho, LogSNR  # noqa: E402
 
 NFES = (6, 7, 8, 9, 10, 12)
-
-
-def configurations() -> dict[str, tuple[Schedule, int, bool]]:
-    grids = {f"karras rho={rho:g}": KarrasRho(rho) for rho in (3.0, 5.0, 7.0, 10.0)} | {"log_snr": LogSNR()}
-    return {f"{name} order {order} +UniC{' +Tweedie' if den else ''}": (grid, order, den)
-            for name, grid in grids.items() for order in (2, 3) for den in (False, True)}
+VARIANTS = {"2M": dict(order=2, corrector=False), "2M+UniC": dict(order=2, corrector=True),
+            "3M+UniC": dict(order=3, corrector=True), "2M+UniC+Tweedie": dict(order=2, corrector=True, denoise=True),
+            "2M+UniC exact": dict(order=2, corrector=True, variant="exact")}
 
 
 def main() -> None:
@@ -49,20 +46,29 @@ def main() -> None:
     floor = 2.0 * evaluator(torch.cat(tt.fresh_sets(data, args, offset=1000)))["mmd2"].se
     sde = tt.VPSDE(T=1.0, eps=args.eps)
     contender = tt.Contender("oracle", 1.0, "gaussian", sde.prior((2,)), sde, tt.oracle_score_fn(data, sde))
-    case = sn.make_case(contender, args.reps * args.n, args.seed, 0)
-    sn.references(case, evaluator, args)
-    ref = case.refs["ode"]
-    print(f"reference E[log p] {ref['logp'].mean:.3f}, MMD^2 floor (2 se) {floor * 1e3:.2f}e-3")
-    for name, (grid, order, den) in configurations().items():
-        cells = []
-        for nfe in NFES:
-            sampler = DPMSolverPP(steps=nfe - int(den), order=order, corrector=True, denoise=den, schedule=grid)
-            x, info = sampler(contender.score_fn, sde, case.x_T)
-            m = evaluator(x)
-            mark = "Y" if sn.converged(m, ref, floor) else "."
-            cells.append(f"{info['nfe']}:{mark}({m['logp'].mean - ref['logp'].mean:+.3f},"
-                         f"{1e3 * (m['mmd2'].mean - ref['mmd2'].mean):+.2f})")
-        print(f"{name:40s} " + " ".join(cells), flush=True)
+    cases = [sn.make_case(contender, args.reps * args.n, args.seed, index) for index in (0, 1)]
+    for case in cases:
+        sn.references(case, evaluator, args)
+    costs = cases[0].fitted()
+    print(f"references E[log p] {', '.join(f'{c.refs['ode']['logp'].mean:.3f}' for c in cases)}; MMD^2 floor "
+          f"(2 se) {floor * 1e3:.2f}e-3; fitted grids: {costs.nfe} NFE on {sn.PILOT_N} pilot samples, "
+          f"{cases[0].fit_seconds:.1f} s")
+    grids = {"karras rho=5": lambda n: KarrasRho(5.0), "karras rho=7": lambda n: KarrasRho(7.0),
+             "log_snr": lambda n: LogSNR(), "fitted": costs.schedule}
+    for grid_name, grid in grids.items():
+        for name, options in VARIANTS.items():
+            cells = []
+            for nfe in NFES:
+                steps = nfe - int(options.get("denoise", False))
+                sampler = DPMSolverPP(steps=steps, schedule=grid(steps), **options)
+                marks, first = "", None
+                for case in cases:
+                    x, info = sampler(contender.score_fn, sde, case.x_T)
+                    m, ref = evaluator(x), case.refs["ode"]
+                    marks += "Y" if sn.converged(m, ref, floor) else "."
+                    first = first or (m["logp"].mean - ref["logp"].mean, 1e3 * (m["mmd2"].mean - ref["mmd2"].mean))
+                cells.append(f"{info['nfe']}:{marks}({first[0]:+.3f},{first[1]:+.2f})")
+            print(f"{grid_name + ' ' + name:30s} " + " ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ A schedule maps ``(sde, steps)`` to the decreasing grid T = t_0 > t_1 > ... > t_
   (Lu et al. 2022, "DPM-Solver", Sec. 3.3 and App. D.1: "uniform logSNR").
 * :class:`KarrasRho`: Karras et al. 2022 ("EDM"), Eq. 5, uniform in sigma^(1/rho) with
   sigma = s / m, rho = 7: dense near eps where the detail forms.
+* :class:`Tabulated`: a given grid of lambda values for one (SDE, T, eps, steps), as written by
+  :func:`difftime.grid_fit.fit_time_grid`, which places the steps of a model's own sampling
+  trajectories (dynamic programming over a fine LogSNR grid).
 
 Schedules are typed objects, so a config injects one with ``class_path:
 difftime.schedules.LogSNR``; :data:`SCHEDULES` maps their ``name`` to the class for scripts.
@@ -27,6 +30,7 @@ from torch import Tensor
 
 from difftime import checks
 from difftime.sde import SDE
+from difftime.utils import ConfigError
 
 SCHEDULES: dict[str, type["Schedule"]] = {}
 
@@ -61,7 +65,7 @@ class Schedule(abc.ABC):
         return type(self) is type(other) and vars(self) == vars(other)
 
     def __hash__(self) -> int:
-        return hash((type(self), tuple(vars(self).items())))
+        return hash(repr(self))
 
 
 def _log_nsr(sde: SDE, t: float) -> float:
@@ -111,3 +115,38 @@ class KarrasRho(Schedule):
         ramp = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
         log_sigma = self.rho * torch.log(hi + ramp * (lo - hi))
         return sde.t_from_log_nsr(2.0 * log_sigma)
+
+
+class Tabulated(Schedule):
+    """A fixed grid given by its log noise-to-signal ratios, ``log_nsr[0] = lambda(T) > ... >
+    log_nsr[-1] = lambda(eps)`` (``steps + 1`` values).
+
+    The grid belongs to the SDE, T and eps it was made for (:func:`difftime.grid_fit.fit_time_grid`
+    writes one for a model): it refuses any other step count, and an SDE whose lambda(T) or
+    lambda(eps) differs from the end points, naming both values. In a config::
+
+        schedule: {class_path: difftime.schedules.Tabulated, init_args: {log_nsr: [10.05, 1.11, ..., -9.12]}}
+    """
+
+    name = "tabulated"
+
+    def __init__(self, log_nsr: list[float]) -> None:
+        owner = type(self).__name__
+        values = list(log_nsr) if isinstance(log_nsr, (list, tuple)) else None
+        ok = values is not None and len(values) >= 2 and all(
+            not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+        if not ok or any(b >= a for a, b in zip(values, values[1:])):
+            raise ConfigError("log_nsr", log_nsr, "a list of at least 2 finite, strictly decreasing numbers "
+                              "(lambda(T) first, lambda(eps) last)", owner)
+        self.log_nsr = [float(v) for v in values]
+
+    def times(self, sde: SDE, steps: int) -> Tensor:
+        owner = type(self).__name__
+        if steps != len(self.log_nsr) - 1:
+            raise ConfigError("steps", steps, f"{len(self.log_nsr) - 1}, the step count of this tabulated grid", owner)
+        for end, t, value in (("first", sde.T, self.log_nsr[0]), ("last", sde.eps, self.log_nsr[-1])):
+            expected = _log_nsr(sde, t)
+            if abs(expected - value) > 1e-6 * max(1.0, abs(expected)):
+                raise ConfigError("log_nsr", value, f"{expected!r} as its {end} value: lambda at t = {t:g} of "
+                                  f"{type(sde).__name__}; this grid was made for another SDE, T or eps", owner)
+        return sde.t_from_log_nsr(torch.tensor(self.log_nsr, dtype=torch.float64))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from difftime import schedules
-from difftime.schedules import SCHEDULES, KarrasRho, LogSNR, UniformT
+from difftime.schedules import SCHEDULES, KarrasRho, LogSNR, Tabulated, UniformT
 from difftime.sde import SubVPSDE, VESDE, VPSDE
 from difftime.utils import ConfigError
 
@@ -54,7 +54,7 @@ def test_uniform_t_is_the_original_grid():
 
 
 def test_registry_and_config_checks():
-    assert SCHEDULES == {"uniform_t": UniformT, "log_snr": LogSNR, "karras": KarrasRho}
+    assert SCHEDULES == {"uniform_t": UniformT, "log_snr": LogSNR, "karras": KarrasRho, "tabulated": Tabulated}
     assert KarrasRho(3.0) == KarrasRho(rho=3) and KarrasRho() != LogSNR() and repr(KarrasRho()) == "KarrasRho(rho=7.0)"
     with pytest.raises(ConfigError) as err:
         KarrasRho(rho=0.0)
