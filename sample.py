@@ -14,9 +14,15 @@ Sample i draws all its noise (prior draw and sampler noise) from a CPU generator
 whatever ``--batch_size`` or device, up to floating-point rounding of the network. The adaptive
 ODE solver is the exception: its step sizes are chosen for a whole batch.
 
+``--fit_grid`` replaces the sampler's time grid by one fitted to this model's own trajectories
+(:func:`difftime.grid_fit.fit_time_grid`, on ``--fit_pilot`` prior draws whose seeds the samples
+never use) for the sampler's step count; the grid is printed and written to ``--out/grid.yaml`` as a
+``schedule:`` entry that a config can carry, so later runs reuse it without fitting again.
+
 Outputs in ``--out``: ``samples.npz`` (key ``samples``: ``uint8 [N, C, H, W]`` for images,
 ``float32 [N, *D]`` model-space values for vector data), ``samples.png`` (an image grid, or a
-scatter plot of the first two coordinates of vector data) and ``info.json``.
+scatter plot of the first two coordinates of vector data), ``info.json`` and, with ``--fit_grid``,
+``grid.yaml``.
 """
 
 from __future__ import annotations
@@ -60,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
                         help="default: the sampler of the config")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's own)")
+    parser.add_argument("--fit_grid", action="store_true",
+                        help="fit the sampler's time grid to this model first (difftime.grid_fit; a fixed-step "
+                             "sampler); the grid is written to OUT/grid.yaml")
+    parser.add_argument("--fit_pilot", type=int, default=64, help="pilot samples for --fit_grid")
+    parser.add_argument("--fit_candidates", type=int, default=120,
+                        help="candidate LogSNR times for --fit_grid (the fit costs 5 x this many NFE on the pilot)")
     parser.add_argument("--n", type=int, default=64, help="number of samples")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
@@ -70,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="no progress on stderr (by default: a bar on a terminal, a plain line every 30 s "
                              "or 10 %% in a log file)")
     args = parser.parse_args(argv)
-    for key in ("n", "batch_size", "steps"):
+    for key in ("n", "batch_size", "steps", "fit_pilot", "fit_candidates"):
         value = getattr(args, key)
         if value is not None and value < 1:
             parser.error(f"--{key} must be >= 1, got {value}")
@@ -81,7 +93,7 @@ def check_out(out: Path) -> None:
     """Fail before any sampling unless ``out`` can take new outputs without overwriting any."""
     if out.exists() and not out.is_dir():
         raise SampleError(f"--out {out} exists and is not a folder")
-    taken = [name for name in ("samples.npz", "samples.png", "info.json") if (out / name).exists()]
+    taken = [name for name in ("samples.npz", "samples.png", "info.json", "grid.yaml") if (out / name).exists()]
     if taken:
         raise SampleError(f"--out {out} already holds {', '.join(taken)}: choose a new folder (outputs are never overwritten)")
     parent = next(p for p in (out, *out.parents) if p.exists())
@@ -193,6 +205,39 @@ def choose_sampler(model: nn.Module, name: str | None) -> Sampler:
     return model.sampler if name is None else SAMPLERS[name]()
 
 
+def fitted_sampler(model: nn.Module, sampler: Sampler, steps: int | None, pilot: int, candidates: int,
+                   seed: int) -> tuple[Sampler, dict[str, Any]]:
+    """A copy of ``sampler`` on a time grid fitted to ``model`` (:func:`difftime.grid_fit.grid_costs`);
+    the pilot batch is drawn from the model's prior with seeds of their own stream."""
+    from difftime.grid_fit import grid_costs
+    from difftime.utils import Stream, step_seed
+
+    steps = sampler.steps if steps is None else steps
+    if getattr(sampler, "schedule", None) is None or steps is None:
+        raise SampleError(f"--fit_grid needs a fixed-step sampler with a schedule; {sampler.name} has none")
+    if steps > candidates:
+        raise SampleError(f"--fit_grid: {steps} steps need at least as many --fit_candidates (got {candidates})")
+    start = time.perf_counter()
+    with torch.no_grad():
+        x_T = model.prior.sample(pilot, torch.Generator().manual_seed(step_seed(seed, Stream.GRID_PILOT)))
+        costs = grid_costs(model.score_fn(), model.eval_sde, x_T.to(model.device), candidates, substeps=4)
+    grid = costs.schedule(steps)
+    fitted = type(sampler)(**{**vars(sampler), "steps": steps, "schedule": grid})
+    record = {"log_nsr": grid.log_nsr, "pilot": pilot, "candidates": candidates, "fit_nfe": costs.nfe,
+              "fit_wall_time_s": time.perf_counter() - start}
+    return fitted, record
+
+
+def write_grid(out: Path, record: dict[str, Any]) -> Path:
+    """``grid.yaml``: the fitted grid as a ``schedule:`` entry (class_path / init_args) of a sampler config."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "grid.yaml"
+    entry = {"schedule": {"class_path": "difftime.schedules.Tabulated", "init_args": {"log_nsr": record["log_nsr"]}}}
+    path.write_text(f"# fitted by sample.py --fit_grid: {record['pilot']} pilot samples, {record['candidates']} "
+                    f"candidates, {record['fit_nfe']} NFE\n" + yaml.safe_dump(entry, default_flow_style=None))
+    return path
+
+
 # ---------------------------------------------------------------------- generation
 def generate(model: nn.Module, sampler: Sampler, n: int, batch_size: int, seed: int,
              steps: int | None, progress: bool = False) -> tuple[Tensor, list[dict]]:
@@ -239,6 +284,13 @@ def main(argv: list[str] | None = None, progress: bool = False) -> dict[str, Any
     load_weights(model, ckpt_path)
     model = model.to(args.device).eval()
     sampler, prior_name = choose_sampler(model, args.sampler), describe_prior(model.prior)
+    grid = None
+    if args.fit_grid:
+        sampler, grid = fitted_sampler(model, sampler, args.steps, args.fit_pilot, args.fit_candidates, args.seed)
+        grid["path"] = str(write_grid(out, grid))
+        print(f"sample.py: fitted a {len(grid['log_nsr']) - 1}-step time grid in {grid['fit_wall_time_s']:.1f} s "
+              f"({grid['fit_nfe']} NFE on {grid['pilot']} pilot samples): log_nsr "
+              f"[{', '.join(f'{v:.3f}' for v in grid['log_nsr'])}]; wrote {grid['path']}", file=sys.stdout)
     start = time.perf_counter()
     samples, infos = generate(model, sampler, args.n, args.batch_size, args.seed, args.steps,
                               progress=progress and not args.quiet)
@@ -249,7 +301,7 @@ def main(argv: list[str] | None = None, progress: bool = False) -> dict[str, Any
     summary = {"n": args.n, "seed": args.seed, "sampler": infos[0]["sampler"], "steps": infos[0]["steps"],
                "nfe": max(nfe), "nfe_total": sum(nfe), "wall_time_s": wall, "prior": prior_name,
                "T": model.eval_sde.T, "T_trained": model.sde.T, "eps": model.sde.eps, "checkpoint": str(ckpt_path),
-               **paths}
+               **paths, **({"fitted_grid": grid} if grid else {})}
     with open(out / "info.json", "w") as handle:
         json.dump(summary, handle, indent=2)
     per_batch = f"{min(nfe)}-{max(nfe)}" if min(nfe) != max(nfe) else str(nfe[0])

@@ -182,6 +182,7 @@ class Stream(enum.IntEnum):
     TRAIN_STEP = 1 << 43  # training noise of optimizer step k: (TRAIN_STEP, k)
     DROPOUT = 1 << 44  # global RNG (dropout) at step k on a rank: (DROPOUT, k, rank)
     EPOCH_SHUFFLE = 1 << 45  # training-set permutation of epoch e: (EPOCH_SHUFFLE, e)
+    GRID_PILOT = 1 << 46  # pilot batch of a fitted time grid (sample.py --fit_grid): (GRID_PILOT,)
 
 
 def step_seed(seed: int, *counters: int) -> int:

@@ -192,3 +192,35 @@ def test_errors_are_one_line_and_outputs_never_overwritten(runs, tmp_path, capsy
         sample.cli_main()
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nope.ckpt" in err and not (tmp_path / "b").exists()
+
+
+def test_fit_grid_writes_a_schedule_a_config_can_carry(runs, tmp_path):
+    """--fit_grid: the sampler runs on a grid fitted to the toy model (from its own prior at T = 0.4),
+    recorded in info.json and written as a Tabulated ``schedule:`` entry; the fit is deterministic."""
+    from jsonargparse import ArgumentParser
+
+    from difftime.samplers import Sampler
+    from difftime.schedules import Tabulated
+
+    options = ("--n", "6", "--sampler", "dpm_solver_pp", "--steps", "4", "--fit_grid", "--fit_pilot", "16",
+               "--fit_candidates", "12")
+    samples, info = run_sample(runs["toy"], tmp_path / "a", *options)
+    again, info_again = run_sample(runs["toy"], tmp_path / "b", *options)
+    grid = info["fitted_grid"]
+    assert info["nfe"] == 4 and len(grid["log_nsr"]) == 5 and grid["fit_nfe"] == 12 * 5 and grid["pilot"] == 16
+    assert grid["log_nsr"] == info_again["fitted_grid"]["log_nsr"] and np.array_equal(samples, again)
+    parser = ArgumentParser()
+    parser.add_argument("--sampler", type=Sampler)
+    entry = __import__("yaml").safe_load((tmp_path / "a/grid.yaml").read_text())
+    config = parser.parse_object({"sampler": {"class_path": "difftime.samplers.DPMSolverPP",
+                                              "init_args": {"steps": 4, **entry}}})
+    schedule = parser.instantiate(config).sampler.schedule
+    assert schedule == Tabulated(grid["log_nsr"])
+    model, _ = sample.load_run(runs["toy"] / "checkpoints/last.ckpt")
+    times = schedule(model.eval_sde, 4)
+    assert float(times[0]) == 0.4 and float(times[-1]) == model.eval_sde.eps and torch.all(times[1:] < times[:-1])
+    with pytest.raises(sample.SampleError, match="fixed-step sampler"):
+        run_sample(runs["toy"], tmp_path / "c", "--n", "2", "--sampler", "adaptive_ode", "--fit_grid")
+    with pytest.raises(sample.SampleError, match="at least as many --fit_candidates"):
+        run_sample(runs["toy"], tmp_path / "d", "--n", "2", "--sampler", "ddim", "--steps", "20", "--fit_grid",
+                   "--fit_candidates", "10")
