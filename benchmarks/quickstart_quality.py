@@ -61,13 +61,19 @@ def classifier(data: dict) -> quality.TrainedClassifier:
     return trained
 
 
-def draw(ckpt: str, n: int, sampler_name: str | None, steps: int | None, batch: int) -> tuple[torch.Tensor, dict]:
+def draw(ckpt: str, n: int, sampler_name: str | None, steps: int | None, batch: int,
+         fitted: bool = False) -> tuple[torch.Tensor, dict]:
+    """n digits from per-sample seeds 0..n-1; ``fitted``: on a time grid fitted to the model first
+    (``sample.py --fit_grid``'s defaults: 64 pilot draws of its own seed stream, 120 candidates)."""
     model, _ = sample.load_run(ckpt)
     sampler = SAMPLERS[sampler_name]() if sampler_name else model.sampler
+    fit = {}
+    if fitted:
+        sampler, fit = sample.fitted_sampler(model, sampler, steps, pilot=64, candidates=120, seed=0)
     fn = lambda k, generator: model.sample(k, generator=generator, sampler=sampler, steps=steps)
     start = time.perf_counter()
     chunks, infos = generate_indexed(fn, range(n), 0, batch)
-    info = {**infos[0], "wall_s": time.perf_counter() - start}
+    info = {**infos[0], "wall_s": time.perf_counter() - start, **fit}
     return model.to_images(torch.cat(chunks)), info
 
 
@@ -93,7 +99,8 @@ def show(label: str, metrics: dict, extra: str = "") -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", action="append", default=[],
-                        help="label=checkpoint[@sampler:steps] (repeat; default sampler: --sampler or the run's own)")
+                        help="label=checkpoint[@sampler:steps[:fitted]] (repeat; default sampler: --sampler or the "
+                             "run's own; ':fitted' fits the sampler's time grid to the model first)")
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: each run's own")
     parser.add_argument("--steps", type=int, default=None)
@@ -118,8 +125,12 @@ def main() -> None:
         label, target = spec.split("=", 1)
         ckpt, _, choice = target.partition("@")
         sampler, _, steps = choice.partition(":")
-        fake, info = draw(ckpt, args.n, sampler or args.sampler, int(steps) if steps else args.steps, args.batch)
+        steps, _, grid = steps.partition(":")
+        fake, info = draw(ckpt, args.n, sampler or args.sampler, int(steps) if steps else args.steps, args.batch,
+                          fitted=grid == "fitted")
         extra = f"{info['sampler']}, NFE {info['nfe']}, {info['wall_s']:.0f} s for {args.n}"
+        if grid == "fitted":
+            extra += f"; fitted grid ({info['fit_nfe']} NFE on {info['pilot']} pilot draws, {info['fit_wall_time_s']:.0f} s)"
         rows.append((label, evaluate(trained, real, fake, args.resamples), extra))
         print(show(*rows[-1]), flush=True)
         if args.grid:
