@@ -411,7 +411,8 @@ class Unit:
 
     @property
     def hash(self) -> str:
-        return digest({"kind": self.kind, "params": self.params})
+        params = training_identity(self.params) if self.run_config is not None else self.params
+        return digest({"kind": self.kind, "params": params})
 
     @property
     def id(self) -> str:
@@ -420,6 +421,27 @@ class Unit:
     @property
     def folder(self) -> Path:
         return self.root / "units" / self.id
+
+
+SAMPLING_CALLBACKS = ("SampleGrid", "FID", "SampleWriter")  # callbacks that sample with model.sampler in a fit
+DISPLAY_KEYS = ("enable_progress_bar", "enable_model_summary")  # trainer switches that change only the display
+
+
+def training_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a fit unit's resolved config that decides its checkpoints: what its hash covers.
+
+    Left out, so that changing them neither renames nor retrains a finished unit: the model's
+    ``sampler`` when no callback of the fit samples with it (the study's sample units choose their
+    own), and the trainer's display switches. Everything else, evaluation callbacks included, stays.
+    """
+    identity = copy.deepcopy(config)
+    trainer = identity.get("trainer") or {}
+    for key in DISPLAY_KEYS:
+        trainer.pop(key, None)
+    names = {str(c.get("class_path", "")).rsplit(".", 1)[-1] for c in trainer.get("callbacks") or []}
+    if not names & set(SAMPLING_CALLBACKS):
+        ((identity.get("model") or {}).get("init_args") or {}).pop("sampler", None)
+    return identity
 
 
 @dataclass

@@ -201,7 +201,26 @@ def test_unit_hash_names_resolved_config(tmp_path):
     moved = set(plan.units) ^ set(other.units)
     assert {u.split("/")[0] for u in moved} == {"bpd", "report"}  # bpd units and the report only
     for unit in plan.units.values():
-        assert unit.folder.name.endswith(unit.hash) and unit.hash == study.digest({"kind": unit.kind, "params": unit.params})
+        params = study.training_identity(unit.params) if unit.kind in ("score", "aux") else unit.params
+        assert unit.folder.name.endswith(unit.hash) and unit.hash == study.digest({"kind": unit.kind, "params": params})
+
+
+def test_evaluation_only_keys_do_not_retrain_fit_units(tmp_path):
+    """The score model's default sampler and the progress bar do not decide a fit's checkpoints:
+    changing them keeps every unit; the sampler counts again once a fit callback samples with it."""
+    plan = study.make_plan(study.load_spec(write_spec(tmp_path)), SPEC)
+    sampler = {"class_path": "difftime.samplers.DDIM", "init_args": {"steps": 7}}
+    display = write_spec(tmp_path, "b.yaml", **{"score.overrides": {
+        **yaml.safe_load(SPEC.read_text())["score"]["overrides"], "model.init_args.sampler": sampler,
+        "trainer.enable_progress_bar": True}})
+    assert set(study.make_plan(study.load_spec(display), SPEC).units) == set(plan.units)
+    sampling = write_spec(tmp_path, "c.yaml", **{"score.overrides": {
+        **yaml.safe_load(SPEC.read_text())["score"]["overrides"], "model.init_args.sampler": sampler},
+        "score.remove_callbacks": ["LearningRateMonitor"]})
+    default_sampler = write_spec(tmp_path, "d.yaml", **{"score.remove_callbacks": ["LearningRateMonitor"]})
+    moved = (set(study.make_plan(study.load_spec(sampling), SPEC).units)
+             ^ set(study.make_plan(study.load_spec(default_sampler), SPEC).units))
+    assert {u.split("/")[0] for u in moved} >= {"score"}  # the SampleGrid of the fit samples with it
 
 
 def test_slurm_script_chains_one_array_job_per_stage(tmp_path):
