@@ -50,7 +50,8 @@ def main() -> None:
     for case in cases:
         sn.references(case, evaluator, args)
     costs = cases[0].fitted()
-    print(f"references E[log p] {', '.join(f'{c.refs['ode']['logp'].mean:.3f}' for c in cases)}; MMD^2 floor "
+    refs = ", ".join(f"{c.refs['ode']['logp'].mean:.3f}" for c in cases)
+    print(f"references E[log p] {refs}; MMD^2 floor "
           f"(2 se) {floor * 1e3:.2f}e-3; fitted grids: {costs.nfe} NFE on {sn.PILOT_N} pilot samples, "
           f"{cases[0].fit_seconds:.1f} s")
     grids = {"karras rho=5": lambda n: KarrasRho(5.0), "karras rho=7": lambda n: KarrasRho(7.0),
