@@ -191,9 +191,15 @@ def _eps_error(score_fn: ScoreFn, sde: SDE, x0: Tensor, t: Tensor, generator: Ge
 def _stratified_mean(values: Tensor) -> tuple[Tensor, Tensor]:
     """Mean of one-draw-per-stratum values ``[n_t, B]`` and its standard error.
 
-    With one draw per stratum the within-stratum variance is estimated from successive
-    differences of neighbouring strata (von Neumann), sum (v_{k+1} - v_k)^2 / (2 (n - 1));
-    it is slightly conservative where the integrand's mean changes between strata.
+    With one draw per stratum the within-stratum variance is not identifiable; it is estimated
+    from successive differences of neighbouring strata (von Neumann, the collapsed-strata
+    estimator), sum (v_{k+1} - v_k)^2 / (2 (n - 1)). That adds the change of the integrand's mean
+    between strata, so the SE is an upper bound: measured against 300 (60) repeated draws, it is
+    calibrated on the 2-D ring with a 0.9 x oracle score (RMS ratio 1.0-1.04 for n = 4-32) but
+    1.9x (n = 4) and 2.5x (n = 8) the true spread on 28 x 28 digits with a trained U-Net, whose
+    integrand changes by orders of magnitude over lambda. Two draws per stratum would make it
+    unbiased at the price of half as many strata (on the digits, about twice the spread of the mean
+    at the same NFE), so the mean keeps one draw per stratum and the SE stays conservative.
     """
     n = values.shape[0]
     if n == 1:
