@@ -26,7 +26,7 @@ from difftime.priors import Prior, check_prior, describe_prior
 from difftime.samplers import EulerMaruyama, Sampler
 from difftime.score import make_score_fn
 from difftime.sde import SDE, ScoreFn
-from difftime.utils import Generator, PerSampleNoise
+from difftime.utils import ConfigError, Generator, PerSampleNoise
 from lightning_modules.common import DiffusionSystem
 
 
@@ -93,9 +93,23 @@ class ScoreModule(DiffusionSystem):
         self.eval_sde = self._truncated(sde, eval_T)
         self.prior = prior if prior is not None else self.eval_sde.prior(self.data_shape)
         check_prior(self.prior, self.eval_sde.hparams(), self.data_shape)
+        self._check_schedule()
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         if compile:
             self.net.compile()
+
+    def _check_schedule(self) -> None:
+        """Build the sampler's grid for ``eval_sde`` once, so that a tabulated grid made for another
+        SDE, T' or step count fails here, naming the key, before any work."""
+        schedule, steps = getattr(self.sampler, "schedule", None), getattr(self.sampler, "steps", None)
+        if schedule is None or steps is None:
+            return
+        try:
+            schedule(self.eval_sde, steps)
+        except ConfigError as error:
+            if error.key != "steps":
+                raise
+            raise ConfigError("steps", steps, error.allowed, type(self.sampler).__name__) from None
 
     @staticmethod
     def _truncated(sde: SDE, eval_T: float | None) -> SDE:

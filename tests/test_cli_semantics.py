@@ -115,7 +115,12 @@ def test_training_config_is_kept_and_evaluations_write_their_own(tmp_path, monke
      "trainer.callbacks.1.init_args.limit"),
     (["--trainer.callbacks+=callbacks.KLGap", "--trainer.callbacks.init_args.T_grid=[0.3,0.9]"],
      "trainer.callbacks.1.init_args.T_grid"),  # T = 0.6: found only at the first validation before
-], ids=["batch-vs-devices", "negative-lr", "zero-lr", "ve-T-above-1", "callback-check", "kl-gap-T-grid"])
+    (["--model.init_args.sampler=difftime.samplers.DPMSolverPP", "--model.init_args.sampler.init_args.steps=3",
+      '--model.init_args.sampler.init_args.schedule={"class_path": "difftime.schedules.Tabulated", '
+      '"init_args": {"log_nsr": [3.0, 0.0, -1.0, -2.0]}}'],
+     "model.init_args.sampler.init_args.schedule.init_args.log_nsr"),  # a grid fitted for another SDE
+], ids=["batch-vs-devices", "negative-lr", "zero-lr", "ve-T-above-1", "callback-check", "kl-gap-T-grid",
+        "tabulated-grid-of-another-sde"])
 def test_bad_values_fail_before_any_work_with_the_full_key(override, key, tmp_path, monkeypatch, capsys):
     """Defect 9: these failed after DDP started (two rank tracebacks), at the first step or at the
     first validation; VE accepted T = 5 (prior std 3e16)."""

@@ -110,3 +110,20 @@ def test_tabulated_is_injectable_by_class_path():
         "steps": 2, "schedule": {"class_path": "difftime.schedules.Tabulated", "init_args": {"log_nsr": [3.0, 0.5, -2.0]}}}}})
     sampler = parser.instantiate(config).sampler
     assert sampler.schedule == Tabulated([3.0, 0.5, -2.0])
+
+
+def test_score_module_refuses_a_grid_made_for_another_T_or_step_count():
+    """A Tabulated grid is checked against the model's (evaluation) SDE when the system is built."""
+    from difftime.networks import MLP
+    from lightning_modules import ScoreModule
+
+    sde = VPSDE(T=1.0, eps=1e-3)
+    grid = LogSNR()(sde, 3)
+    fitted = Tabulated(sde.log_nsr(grid).tolist())
+    ScoreModule(MLP(dim=2, hidden=8, depth=1), sde, sampler=S.DPMSolverPP(steps=3, schedule=fitted))
+    with pytest.raises(ConfigError, match="made for another SDE") as err:
+        ScoreModule(MLP(dim=2, hidden=8, depth=1), sde, sampler=S.DPMSolverPP(steps=3, schedule=fitted), eval_T=0.5)
+    assert err.value.key == "log_nsr"
+    with pytest.raises(ConfigError, match="3, the step count") as err:
+        ScoreModule(MLP(dim=2, hidden=8, depth=1), sde, sampler=S.DPMSolverPP(steps=4, schedule=fitted))
+    assert err.value.key == "steps" and err.value.owner == "DPMSolverPP"
