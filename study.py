@@ -8,7 +8,8 @@ samplers with their NFE budgets, the metrics, sample counts and seeds. The whole
 before any work; a bad value fails naming its key.
 
 Units of work, each in its own folder ``<out>/units/<kind>/<label>-<hash>`` named by a hash of
-its resolved config (changing one spec value re-runs only the units it affects):
+its resolved config (changing one spec value re-runs only the units it affects; a fit's hash covers
+:func:`training_identity`, without the evaluation-only keys):
 
 ==========  ========  ==========================================================================
 stage       kind      what runs
