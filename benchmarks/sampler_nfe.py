@@ -288,7 +288,7 @@ def main() -> None:
     data = tt.make_data(args)
     dirs = torch.randn(args.directions, 2, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
     evaluator = tt.Evaluator(data, tt.fresh_sets(data, args, offset=0), dirs / dirs.norm(dim=1, keepdim=True),
-                             args.mmd_bandwidth, args.mmd_n)
+                             args.mmd_bandwidth, args.mmd_n, sliced=False)
     floor_stats = evaluator(torch.cat(tt.fresh_sets(data, args, offset=1000)))
     floor = 2.0 * floor_stats["mmd2"].se
     print(tt.header(args) + f"; NFE grid {args.grid}; reverse-SDE reference {args.ref_steps} steps", flush=True)

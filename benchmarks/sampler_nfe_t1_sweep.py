@@ -42,7 +42,7 @@ def main() -> None:
     data = tt.make_data(args)
     dirs = torch.randn(args.directions, 2, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
     evaluator = tt.Evaluator(data, tt.fresh_sets(data, args, offset=0), dirs / dirs.norm(dim=1, keepdim=True),
-                             args.mmd_bandwidth, args.mmd_n)
+                             args.mmd_bandwidth, args.mmd_n, sliced=False)
     floor = 2.0 * evaluator(torch.cat(tt.fresh_sets(data, args, offset=1000)))["mmd2"].se
     sde = tt.VPSDE(T=1.0, eps=args.eps)
     contender = tt.Contender("oracle", 1.0, "gaussian", sde.prior((2,)), sde, tt.oracle_score_fn(data, sde))

@@ -198,24 +198,26 @@ class Evaluator:
     directions: Tensor
     bandwidth: float
     mmd_n: int
+    sliced: bool = True  # also the sliced W2 (sampler_nfe.py's criterion does not use it)
     _sorted_refs: list[Tensor] = field(init=False)
     _kyy: list[float] = field(init=False)
 
     def __post_init__(self) -> None:
-        self._sorted_refs = [sorted_projections(ref, self.directions) for ref in self.refs]
+        self._sorted_refs = [sorted_projections(ref, self.directions) if self.sliced else ref for ref in self.refs]
         self._kyy = [mmd2_yy(ref[: self.mmd_n], self.bandwidth) for ref in self.refs]
 
     def __call__(self, samples: Tensor) -> dict[str, Stat | int]:
         groups = samples.reshape(len(self.refs), -1, samples.shape[-1])
         finite = torch.isfinite(groups).all(-1)
-        out: dict[str, list[float]] = {"logp": [], "sw2": [], "mmd2": []}
+        out: dict[str, list[float]] = {"logp": [], "sw2": [], "mmd2": []} if self.sliced else {"logp": [], "mmd2": []}
         for x, ref, sorted_ref, kyy, ok in zip(groups, self.refs, self._sorted_refs, self._kyy, finite):
             if not bool(ok.all()):
                 for values in out.values():
                     values.append(math.nan)
                 continue
             out["logp"].append(float(self.data.log_prob(x).mean()))
-            out["sw2"].append(sliced_w2_sorted(sorted_projections(x, self.directions), sorted_ref))
+            if self.sliced:
+                out["sw2"].append(sliced_w2_sorted(sorted_projections(x, self.directions), sorted_ref))
             out["mmd2"].append(mmd2_unbiased(x[: self.mmd_n], ref[: self.mmd_n], self.bandwidth, kyy))
         return {**{k: stat(v) for k, v in out.items()}, "nonfinite": int((~finite).sum())}
 
