@@ -412,7 +412,7 @@ class Unit:
 
     @property
     def hash(self) -> str:
-        params = training_identity(self.params) if self.run_config is not None else self.params
+        params = training_identity(self.params) if self.kind in FIT_KINDS else self.params
         return digest({"kind": self.kind, "params": params})
 
     @property
@@ -424,6 +424,7 @@ class Unit:
         return self.root / "units" / self.id
 
 
+FIT_KINDS = ("score", "aux")  # units that are a train.py fit
 SAMPLING_CALLBACKS = ("SampleGrid", "FID", "SampleWriter")  # callbacks that sample with model.sampler in a fit
 DISPLAY_KEYS = ("enable_progress_bar", "enable_model_summary")  # trainer switches that change only the display
 
@@ -557,7 +558,7 @@ def status(unit: Unit) -> str:
     """'done', 'partial' (started, not finished: a fit resumes from its checkpoint) or 'to do'."""
     if unit.kind == "report":
         return "to do"  # always rebuilt: cheap, and it reads every other unit
-    if unit.kind in ("score", "aux"):
+    if unit.kind in FIT_KINDS:
         if final_checkpoint(unit) is not None:
             return "done"
         return "partial" if (unit.folder / "checkpoints").is_dir() and any((unit.folder / "checkpoints").glob("*.ckpt")) else "to do"
@@ -577,7 +578,7 @@ def estimate(unit: Unit, cost: CostSpec, spec: StudySpec) -> float:
     """Estimated seconds still needed for ``unit`` (the cost model of the spec)."""
     if status(unit) == "done":
         return 0.0
-    if unit.kind in ("score", "aux"):
+    if unit.kind in FIT_KINDS:
         per_step = cost.score_s_per_step if unit.kind == "score" else cost.aux_s_per_step
         return cost.startup_s + per_step * (unit.params["trainer"]["max_steps"] - done_steps(unit))
     if unit.kind == "classifier":
@@ -591,7 +592,7 @@ def estimate(unit: Unit, cost: CostSpec, spec: StudySpec) -> float:
 
 def command(plan: Plan, unit: Unit) -> list[str]:
     """The exact command that runs ``unit`` (the local executor runs evaluations in-process, the same code)."""
-    if unit.kind in ("score", "aux"):
+    if unit.kind in FIT_KINDS:
         return [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(unit.folder / "unit.yaml")]
     return [sys.executable, str(ROOT / "study.py"), "--config", str(plan.spec_path), "--run-unit", unit.id]
 

@@ -201,8 +201,10 @@ def test_unit_hash_names_resolved_config(tmp_path):
     moved = set(plan.units) ^ set(other.units)
     assert {u.split("/")[0] for u in moved} == {"bpd", "report"}  # bpd units and the report only
     for unit in plan.units.values():
-        params = study.training_identity(unit.params) if unit.kind in ("score", "aux") else unit.params
+        params = study.training_identity(unit.params) if unit.kind in study.FIT_KINDS else unit.params
         assert unit.folder.name.endswith(unit.hash) and unit.hash == study.digest({"kind": unit.kind, "params": params})
+        if unit.run_config is not None:  # the fit logs into the unit's own folder
+            assert unit.run_config["trainer"]["logger"]["init_args"]["version"] == unit.folder.name
 
 
 def test_evaluation_only_keys_do_not_retrain_fit_units(tmp_path):
