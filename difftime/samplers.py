@@ -534,6 +534,7 @@ class Sampler(abc.ABC):
     name: str = "sampler"
     steps: int | None = None
     check: Callable[..., dict[str, Any]]
+    deterministic: bool = True  # no noise drawn after x_T: it follows the probability-flow ODE
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -572,6 +573,7 @@ class Sampler(abc.ABC):
 class EulerMaruyama(Sampler):
     """Reverse-SDE Euler-Maruyama (:func:`euler_maruyama`)."""
 
+    deterministic = False
     name, function, check = "euler_maruyama", staticmethod(euler_maruyama), staticmethod(_check_euler_maruyama)
 
     def __init__(self, steps: int = 1000, denoise: bool = True, schedule: Schedule | None = None) -> None:
@@ -581,6 +583,7 @@ class EulerMaruyama(Sampler):
 class PredictorCorrector(Sampler):
     """Reverse-diffusion predictor + Langevin corrector (:func:`predictor_corrector`)."""
 
+    deterministic = False
     name = "predictor_corrector"
     function, check = staticmethod(predictor_corrector), staticmethod(_check_predictor_corrector)
 
@@ -640,3 +643,7 @@ class SDEDPMSolverPP(Sampler):
     def __init__(self, steps: int = 50, eta: float = 1.0, order: int = 2, denoise: bool = True,
                  schedule: Schedule | None = None) -> None:
         self._configure(steps=steps, eta=eta, order=order, denoise=denoise, schedule=schedule)
+
+    @property
+    def deterministic(self) -> bool:  # type: ignore[override]
+        return self.eta == 0.0

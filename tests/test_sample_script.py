@@ -209,6 +209,12 @@ def test_fit_grid_writes_a_schedule_a_config_can_carry(runs, tmp_path):
     grid = info["fitted_grid"]
     assert info["nfe"] == 4 and len(grid["log_nsr"]) == 5 and grid["fit_nfe"] == 12 * 5 and grid["pilot"] == 16
     assert grid["log_nsr"] == info_again["fitted_grid"]["log_nsr"] and np.array_equal(samples, again)
+    rms = grid["pilot_rms_to_ode"]  # both grids' distance to the teacher's end points on the pilot
+    assert set(rms) == {"fitted", "configured"} and all(np.isfinite(v) and v >= 0 for v in rms.values())
+    assert grid["configured_schedule"] == "LogSNR()"
+    _, stochastic = run_sample(runs["toy"], tmp_path / "e", "--n", "2", "--sampler", "sde_dpm_solver_pp", "--steps", "3",
+                               "--fit_grid", "--fit_pilot", "8", "--fit_candidates", "6")
+    assert stochastic["fitted_grid"]["pilot_rms_to_ode"] is None  # noise, not the grid, sets that distance
     parser = ArgumentParser()
     parser.add_argument("--sampler", type=Sampler)
     entry = __import__("yaml").safe_load((tmp_path / "a/grid.yaml").read_text())
