@@ -21,6 +21,12 @@ programming over its points):
    after t_j (the same bijection for both) does not increase it.
 3. **Grid.** Dynamic programming picks the path T = t_0 > ... > t_steps = eps through the candidates
    that minimises the summed cost (exactly ``steps`` steps; O(steps x candidates^2)).
+4. **Refinement** (:func:`refine_grid`, deterministic samplers): the summed one-step cost is a
+   proxy, so the grid is then tuned for the sampler that will use it, by coordinate descent on its
+   interior lambda values against the real objective, the RMS distance between the sampler's
+   output and the teacher's end points on the pilot batch (in the spirit of Xue et al. 2024,
+   "Accelerating Diffusion Sampling with Optimized Time Steps", who fit the steps to the ODE's
+   solution). It starts from the DP grid and from the sampler's own grid and keeps the closer.
 
 Measured choices (``benchmarks/results/sampler_nfe_t1_sweep.txt``, oracle score, T = 1): the
 first-order cost with the 1 / s^2 weight beat the plain E||e|| (which leaves one large final
@@ -38,13 +44,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from difftime import checks
-from difftime.samplers import _data_prediction, _nodes, dpm_solver_pp
-from difftime.schedules import LogSNR, Tabulated
+from difftime.samplers import Sampler, _data_prediction, _nodes, dpm_solver_pp
+from difftime.schedules import LogSNR, Schedule, Tabulated
 from difftime.sde import SDE, ScoreFn
 
 
@@ -138,3 +145,51 @@ def fit_time_grid(score_fn: ScoreFn, sde: SDE, x_T: Tensor, steps: int, candidat
     :meth:`GridCosts.schedule` per count.
     """
     return grid_costs(score_fn, sde, x_T, candidates, substeps).schedule(steps)
+
+
+@dataclass
+class RefinedGrid:
+    """Result of :func:`refine_grid`: the grid, its RMS distance to the teacher on the pilot batch,
+    the start it came from, every start's own distance, and the NFE the refinement spent."""
+
+    schedule: Tabulated
+    distance: float
+    start: str
+    starts: dict[str, float]
+    nfe: int
+
+
+def refine_grid(costs: GridCosts, sampler_for: Callable[[Schedule], Sampler], score_fn: ScoreFn, sde: SDE,
+                starts: dict[str, Schedule], steps: int, sweeps: int = 3,
+                fractions: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)) -> RefinedGrid:
+    """Tune a ``steps``-step grid for one deterministic sampler (step 4 of the module docstring).
+
+    ``sampler_for(schedule)`` builds the configured sampler on a grid; ``starts`` names the grids to
+    start from (for example the DP grid and the sampler's own). Each sweep moves every interior
+    lambda_i, in turn, to each ``fractions`` point between its neighbours and keeps a move when the
+    pilot distance falls, so the result is never farther from the teacher than its start.
+    Cost: sum over starts of 1 + sweeps x (steps - 1) x len(fractions) sampler runs on the pilot.
+    """
+    steps = checks.integer("steps", steps, "refine_grid")
+    nfe = 0
+
+    def distance(log_nsr: list[float]) -> float:
+        nonlocal nfe
+        samples, info = sampler_for(Tabulated(log_nsr))(score_fn, sde, costs.x_T)
+        nfe += int(info["nfe"])
+        return costs.distance(samples)
+
+    results, first = {}, {}
+    for name, schedule in starts.items():
+        lam = sde.log_nsr(schedule(sde, steps)).tolist()
+        best = first[name] = distance(lam)
+        for _ in range(sweeps):
+            for i in range(1, steps):
+                for f in fractions:
+                    trial = lam[:i] + [lam[i - 1] + f * (lam[i + 1] - lam[i - 1])] + lam[i + 1:]
+                    d = distance(trial)
+                    if d < best:
+                        best, lam = d, trial
+        results[name] = (best, lam)
+    name = min(results, key=lambda k: results[k][0])
+    return RefinedGrid(Tabulated(results[name][1]), results[name][0], name, first, nfe)

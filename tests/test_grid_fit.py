@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from difftime import samplers as S
-from difftime.grid_fit import cheapest_path, fit_time_grid, grid_costs
+from difftime.grid_fit import cheapest_path, fit_time_grid, grid_costs, refine_grid
 from difftime.schedules import LogSNR, Tabulated
 from difftime.sde import SubVPSDE, VESDE, VPSDE
 from difftime.toy import Gaussian, OracleScore, Ring
@@ -131,3 +131,19 @@ def test_score_module_refuses_a_grid_made_for_another_T_or_step_count():
     with pytest.raises(ConfigError, match="3, the step count") as err:
         ScoreModule(MLP(dim=2, hidden=8, depth=1), sde, sampler=S.DPMSolverPP(steps=4, schedule=fitted))
     assert err.value.key == "steps" and err.value.owner == "DPMSolverPP"
+
+
+def test_refined_grid_is_never_farther_from_the_flow_than_its_starts():
+    """Coordinate descent on the pilot distance: the result is at most every start's distance, the
+    reported distance is the grid's own, and the NFE are the runs it made."""
+    sde = VPSDE(T=1.0, eps=1e-3)
+    score = OracleScore(Ring(n_modes=4, radius=1.0, std=0.1), sde).score
+    x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    costs = grid_costs(score, sde, x_T, candidates=24, substeps=4)
+    on = lambda schedule: S.DPMSolverPP(steps=5, schedule=schedule)  # noqa: E731
+    refined = refine_grid(costs, on, score, sde, {"dp": costs.schedule(5), "log_snr": LogSNR()}, 5, sweeps=2)
+    assert refined.distance <= min(refined.starts.values()) and refined.start in ("dp", "log_snr")
+    assert math.isclose(costs.distance(on(refined.schedule)(score, sde, x_T)[0]), refined.distance, rel_tol=1e-9)
+    assert refined.nfe == 2 * (1 + 2 * 4 * 5) * 5
+    t = refined.schedule(sde, 5)
+    assert float(t[0]) == sde.T and float(t[-1]) == sde.eps and torch.all(t[1:] < t[:-1])

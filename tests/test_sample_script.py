@@ -207,10 +207,13 @@ def test_fit_grid_writes_a_schedule_a_config_can_carry(runs, tmp_path):
     samples, info = run_sample(runs["toy"], tmp_path / "a", *options)
     again, info_again = run_sample(runs["toy"], tmp_path / "b", *options)
     grid = info["fitted_grid"]
-    assert info["nfe"] == 4 and len(grid["log_nsr"]) == 5 and grid["fit_nfe"] == 12 * 5 and grid["pilot"] == 16
+    refine_runs = 2 * (1 + 2 * 3 * 5)  # two starts, each 1 + sweeps x interior knots x fractions runs of 4 NFE
+    assert info["nfe"] == 4 and len(grid["log_nsr"]) == 5 and grid["pilot"] == 16 and grid["sweeps"] == 2
+    assert grid["fit_nfe"] == 12 * 5 + refine_runs * 4 and grid["start"] in ("dp", "configured")
     assert grid["log_nsr"] == info_again["fitted_grid"]["log_nsr"] and np.array_equal(samples, again)
-    rms = grid["pilot_rms_to_ode"]  # both grids' distance to the teacher's end points on the pilot
-    assert set(rms) == {"fitted", "configured"} and all(np.isfinite(v) and v >= 0 for v in rms.values())
+    rms = grid["pilot_rms_to_ode"]  # every grid's distance to the teacher's end points on the pilot
+    assert set(rms) == {"fitted", "dp", "configured"} and all(np.isfinite(v) and v >= 0 for v in rms.values())
+    assert rms["fitted"] <= min(rms["dp"], rms["configured"])  # the tuning never moves away from the flow
     assert grid["configured_schedule"] == "LogSNR()"
     _, stochastic = run_sample(runs["toy"], tmp_path / "e", "--n", "2", "--sampler", "sde_dpm_solver_pp", "--steps", "3",
                                "--fit_grid", "--fit_pilot", "8", "--fit_candidates", "6")
