@@ -46,16 +46,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import t_tradeoff_gmm as tt  # noqa: E402
 
-from difftime.grid_fit import GridCosts, grid_costs  # noqa: E402
+from difftime.grid_fit import GridCosts, grid_costs, refine_grid  # noqa: E402
 from difftime.samplers import SAMPLERS, adaptive_ode, sde_dpm_solver_pp  # noqa: E402
-from difftime.schedules import SCHEDULES, Schedule  # noqa: E402
+from difftime.schedules import SCHEDULES, LogSNR, Schedule  # noqa: E402
 from difftime.utils import step_seed  # noqa: E402
 
 LOGP_TOL = 0.05
 NFE_GRID = {"quick": [3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 30, 50, 100, 200],
             "full": [3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 20, 25, 30, 40, 50, 70, 100, 140, 200, 300, 400]}
 _X_T_STREAM, _NOISE_STREAM, _PILOT_STREAM = 21, 22, 23
-PILOT_N, CANDIDATES = 512, 240  # fitted grids: pilot batch from the case's prior, candidate LogSNR times
+PILOT_N, CANDIDATES, REFINE_SWEEPS = 512, 240, 2  # fitted grids: pilot from the case's prior, candidates
 
 
 @dataclass(frozen=True)
@@ -73,21 +73,27 @@ class Config:
         return SAMPLERS[self.sampler](steps=steps, schedule=self.grid(steps, case), **dict(self.options))
 
     def grid(self, steps: int, case: "Case") -> Schedule:
-        """The schedule; "fitted" is :func:`difftime.grid_fit.grid_costs` on the case's own score and prior."""
-        return case.fitted().schedule(steps) if self.schedule == "fitted" else SCHEDULES[self.schedule]()
+        """The schedule; "fitted" is the DP grid of :func:`difftime.grid_fit.grid_costs` on the case's own
+        score and prior, "refined" that grid tuned to this sampler by :func:`difftime.grid_fit.refine_grid`
+        (from the DP and the LogSNR grid, ``REFINE_SWEEPS`` sweeps, on the same pilot batch)."""
+        if self.schedule == "fitted":
+            return case.fitted().schedule(steps)
+        if self.schedule == "refined":
+            return case.refined(self, steps)
+        return SCHEDULES[self.schedule]()
 
     def name(self) -> str:
         return f"{self.label} / {self.schedule}"
 
 
 def _configs(full: bool) -> list[Config]:
-    """The quick subset (schedule letters: Uniform t, Log-SNR, Karras, Fitted) or, with ``full``, every
-    sampler on U, L, K and (deterministic samplers) F."""
+    """The quick subset (schedule letters: Uniform t, Log-SNR, Karras, Fitted, Refined) or, with ``full``,
+    every sampler on U, L, K and (deterministic samplers) F and R."""
     two, three = (("order", 2), ("corrector", False)), (("order", 3), ("corrector", False))
     unic2, unic3 = (("order", 2), ("corrector", True)), (("order", 3), ("corrector", True))
     kinds = [("EM", "euler_maruyama", (), "UL"), ("Heun", "heun_ode", (), "ULK"), ("DDIM", "ddim", (), "LF"),
-             ("DPM++2M", "dpm_solver_pp", two, "ULKF"), ("DPM++3M", "dpm_solver_pp", three, "L"),
-             ("DPM++2M+UniC", "dpm_solver_pp", unic2, "LKF"), ("DPM++3M+UniC", "dpm_solver_pp", unic3, "L"),
+             ("DPM++2M", "dpm_solver_pp", two, "ULKFR"), ("DPM++3M", "dpm_solver_pp", three, "L"),
+             ("DPM++2M+UniC", "dpm_solver_pp", unic2, "LKFR"), ("DPM++3M+UniC", "dpm_solver_pp", unic3, "L"),
              ("SDE-DPM++2M", "sde_dpm_solver_pp", (("eta", 1.0),), "LK"),
              ("DPM++2M+UniC+Tweedie", "dpm_solver_pp", unic2 + (("denoise", True),), "LF")]
     if full:
@@ -95,11 +101,11 @@ def _configs(full: bool) -> list[Config]:
                   ("DPM++2M+UniC no-lof", "dpm_solver_pp", unic2 + (("lower_order_final", False),), "L"),
                   ("DDIM+Tweedie", "ddim", (("denoise", True),), "L"),
                   ("SDE-DPM++2M eta=0.5", "sde_dpm_solver_pp", (("eta", 0.5),), "L")]
-    names = {"U": "uniform_t", "L": "log_snr", "K": "karras", "F": "fitted"}
+    names = {"U": "uniform_t", "L": "log_snr", "K": "karras", "F": "fitted", "R": "refined"}
     configs = [Config(label, name, names[k], opts) for label, name, opts, keys in kinds for k in keys]
     if full:
         configs = [Config(label, name, names[k], opts) for label, name, opts, _ in kinds
-                   for k in "ULK" + ("" if Config(label, name, "", opts).stochastic else "F")]
+                   for k in "ULK" + ("" if Config(label, name, "", opts).stochastic else "FR")]
     return configs
 
 
@@ -127,6 +133,17 @@ class Case:
     pilot_seed: int = 0
     costs: GridCosts | None = None
     fit_seconds: float = 0.0
+    refine_nfe: int = 0
+
+    def refined(self, config: Config, steps: int) -> Schedule:
+        """The fitted grid tuned to ``config``'s sampler at ``steps`` (its pilot NFE are counted in ``refine_nfe``)."""
+        costs, start = self.fitted(), time.perf_counter()
+        on = lambda schedule: SAMPLERS[config.sampler](steps=steps, schedule=schedule, **dict(config.options))  # noqa: E731
+        result = refine_grid(costs, on, self.contender.score_fn, self.contender.sde,
+                             {"dp": costs.schedule(steps), "log_snr": LogSNR()}, steps, sweeps=REFINE_SWEEPS)
+        self.refine_nfe += result.nfe
+        self.fit_seconds += time.perf_counter() - start
+        return result.schedule
 
     def fitted(self) -> GridCosts:
         """Step costs of this case's score from a pilot batch of its prior (seeds the evaluation does
@@ -329,7 +346,11 @@ def report(summary: list[dict], cases: list[Case], floor_stats: dict, floor: flo
         parts.append(f"\nFitted grids (schedule `fitted`): `difftime.grid_fit.grid_costs` with each case's own score "
                      f"on {PILOT_N} pilot samples of its prior (seeds the evaluation does not use), {CANDIDATES} "
                      f"candidate LogSNR times, {fits[0].costs.nfe} score evaluations on the pilot batch once per case "
-                     f"(not in the NFE columns; {sum(c.fit_seconds for c in fits) / len(fits):.1f} s per case here).")
+                     f"(not in the NFE columns; {sum(c.fit_seconds for c in fits) / len(fits):.1f} s per case here, "
+                     f"refinement included). Schedule `refined`: that grid tuned to each sampler and step count by "
+                     f"`difftime.grid_fit.refine_grid` ({REFINE_SWEEPS} sweeps from the DP and the LogSNR grid, "
+                     f"pilot RMS distance to the teacher), {sum(c.refine_nfe for c in fits) / len(fits):.0f} pilot NFE "
+                     f"per case over all the step counts walked.")
     parts.append("\n### NFE at equal (converged) quality: best short-T configuration against the best T = 1 "
                  "N(0, I) configuration\n\n" + "\n".join(ratio_table(summary, args.short_T, args.grid)))
     parts.append("\n### Converged references\n\n" + "\n".join(reference_table(cases)))
