@@ -7,8 +7,9 @@ and the priors N(0, I), the exact q_T and (T < 1) the RealNVP flow trained on q_
 
 * every (sampler, schedule) of :data:`CONFIGS` is run at increasing NFE from the SAME x_T (common
   random numbers: the differences are discretisation, not sampling noise);
-* schedule ``fitted`` is :mod:`difftime.grid_fit` with the case's own score, on 512 pilot draws of its
-  prior (their own seeds), 240 candidates; the fit's NFE are reported once per case, not per run;
+* schedule ``fitted`` is :mod:`difftime.grid_fit`'s DP grid with the case's own score, on 512 pilot
+  draws of its prior (their own seeds), 240 candidates; ``refined`` that grid tuned to the sampler and
+  step count (:func:`difftime.grid_fit.refine_grid`); the pilot NFE are reported once per case;
 * its quality is compared with the converged value of the same (score, T, prior) and sampler family:
   the probability-flow ODE solved by dopri5 at rtol = atol = 1e-6 for the deterministic samplers, the
   reverse SDE with ``--ref-steps`` exact DDPM-posterior steps (SDE-DPM-Solver++(1), eta = 1) for the
@@ -22,7 +23,7 @@ smallest NFE of the best configuration at each short T with the flow prior to th
 configuration (N(0, I) prior); the converged references. CSVs: every evaluation (``--out``) and the
 smallest NFE per configuration (``<stem>_summary.csv``).
 
-    python benchmarks/sampler_nfe.py             # quick: 16 min on one thread of a quiet 2-core machine
+    python benchmarks/sampler_nfe.py             # quick: 21 min on one thread of a 2-core machine
                                                  # (80 s training; --score oracle skips it)
     python benchmarks/sampler_nfe.py --full      # t_tradeoff's full training, 5 x 5000 samples, NFE <= 400
     python benchmarks/sampler_nfe.py --score oracle --short-T 0.2   # options of t_tradeoff_gmm.py pass through

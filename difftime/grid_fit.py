@@ -28,16 +28,16 @@ programming over its points):
    "Accelerating Diffusion Sampling with Optimized Time Steps", who fit the steps to the ODE's
    solution). It starts from the DP grid and from the sampler's own grid and keeps the closer.
 
-Measured choices (``benchmarks/results/sampler_nfe_t1_sweep.txt``, oracle score, T = 1): the
-first-order cost with the 1 / s^2 weight beat the plain E||e|| (which leaves one large final
-step from sigma ~ 0.2 to eps) and a cost that models the 2M step's own history (a steady -0.1
-nats in E[log p]). With trained networks the fit does not pay off in general: on the toy
-config's MLP the 2M sampler lands 2-3x farther from the converged flow on a fitted grid than on
-LogSNR (a trained eps-network's data prediction amplifies its error by s / m at high noise, where the
-one-step costs then mislead), so :meth:`GridCosts.distance` measures both on the pilot batch
-(``sample.py --fit_grid`` prints them). The fit costs ``candidates x (substeps + 1)`` score evaluations on the pilot
-batch, once per model, T, eps and step count; the grid is a :class:`~difftime.schedules.Tabulated`
-schedule that configs can carry.
+Measured (``benchmarks/results/sampler_nfe.md``, ring mixture, T = 1): the first-order cost with
+the 1 / s^2 weight beat the plain E||e|| (which leaves one large final step from sigma ~ 0.2 to
+eps) and a cost that models the 2M step's own history (a steady -0.1 nats in E[log p]). With the
+oracle score the DP grid alone reaches converged quality in 8 NFE and the refined grid in 6-7
+(LogSNR: 15). With trained networks the DP grid alone can be worse than LogSNR (a trained
+eps-network's data prediction amplifies its error by s / m at high noise, where one-step costs
+then mislead); refinement fixes that (trained MLP: 7 NFE against 12 on the best fixed grid). The
+fit costs ``candidates x (substeps + 1)`` score evaluations on the pilot batch and the refinement
+(1 + sweeps x (steps - 1) x 5) x steps per start, once per model, T, eps, sampler and step count;
+the grid is a :class:`~difftime.schedules.Tabulated` schedule that configs can carry.
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ the config class calls the same routine in its constructor.
 
 Which to use (2-D ring mixture, VP, eps = 1e-3; ``benchmarks/results/sampler_nfe.md``): the
 deterministic :func:`dpm_solver_pp` (2M with the UniC-style corrector): 12-30 NFE to converged
-quality at T = 1 on the LogSNR grid, 8 on a grid fitted to the model
-(:func:`difftime.grid_fit.fit_time_grid`) when the model's probability flow is good (oracle score);
+quality at T = 1 on the LogSNR grid, 7 on a grid fitted to the model and tuned to the sampler
+(:func:`difftime.grid_fit.refine_grid`; oracle and trained score alike);
 for a stochastic sampler, and for images, :func:`sde_dpm_solver_pp` (16-30 NFE). Euler-Maruyama,
 predictor-corrector and Heun on the uniform-t grid need 50 to over 200.
 """
