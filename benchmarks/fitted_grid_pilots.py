@@ -21,7 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import sampler_nfe as sn  # noqa: E402
-import t_tradeoff_gmm as tt  # noqa: E402
 from difftime.grid_fit import grid_costs, refine_grid  # noqa: E402
 from difftime.samplers import DPMSolverPP  # noqa: E402
 from difftime.schedules import LogSNR  # noqa: E402
@@ -30,17 +29,8 @@ NFES = (8, 9, 10, 12)
 
 
 def main() -> None:
-    sys.argv[1:] = ["--score", "oracle"]
-    args = sn.parse_args()
-    torch.set_num_threads(1)
-    tt._quiet()
-    data = tt.make_data(args)
-    dirs = torch.randn(args.directions, 2, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
-    evaluator = tt.Evaluator(data, tt.fresh_sets(data, args, offset=0), dirs / dirs.norm(dim=1, keepdim=True),
-                             args.mmd_bandwidth, args.mmd_n, sliced=False)
-    floor = 2.0 * evaluator(torch.cat(tt.fresh_sets(data, args, offset=1000)))["mmd2"].se
-    sde = tt.VPSDE(T=1.0, eps=args.eps)
-    contender = tt.Contender("oracle", 1.0, "gaussian", sde.prior((2,)), sde, tt.oracle_score_fn(data, sde))
+    args, evaluator, floor, contender = sn.oracle_at_T1()
+    sde = contender.sde
     case = sn.make_case(contender, args.reps * args.n, args.seed, 0)
     sn.references(case, evaluator, args)
     ref = case.refs["ode"]

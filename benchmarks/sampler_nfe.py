@@ -283,6 +283,28 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def evaluation(data, args: argparse.Namespace) -> tuple[tt.Evaluator, dict]:
+    """The evaluator against fixed fresh data sets, and its data-vs-data statistics (the floor)."""
+    dirs = torch.randn(args.directions, 2, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
+    evaluator = tt.Evaluator(data, tt.fresh_sets(data, args, offset=0), dirs / dirs.norm(dim=1, keepdim=True),
+                             args.mmd_bandwidth, args.mmd_n, sliced=False)
+    return evaluator, evaluator(torch.cat(tt.fresh_sets(data, args, offset=1000)))
+
+
+def oracle_at_T1() -> tuple[argparse.Namespace, tt.Evaluator, float, tt.Contender]:
+    """Quick-mode options, evaluator, MMD^2 floor and the oracle contender at T = 1 from N(0, I)
+    (the setting of the sweep scripts), on one thread."""
+    sys.argv[1:] = ["--score", "oracle"]
+    args = parse_args()
+    torch.set_num_threads(1)
+    tt._quiet()
+    data = tt.make_data(args)
+    evaluator, floor_stats = evaluation(data, args)
+    sde = tt.VPSDE(T=1.0, eps=args.eps)
+    contender = tt.Contender("oracle", 1.0, "gaussian", sde.prior((2,)), sde, tt.oracle_score_fn(data, sde))
+    return args, evaluator, 2.0 * floor_stats["mmd2"].se, contender
+
+
 def contenders(data, args: argparse.Namespace) -> tuple[list[tt.Contender], list[dict]]:
     if args.score == "oracle":  # no training: only the oracle score, flows still needed for T < 1
         setup = tt.Setup()
@@ -306,10 +328,7 @@ def main() -> None:
     tt._quiet()
     start = time.perf_counter()
     data = tt.make_data(args)
-    dirs = torch.randn(args.directions, 2, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
-    evaluator = tt.Evaluator(data, tt.fresh_sets(data, args, offset=0), dirs / dirs.norm(dim=1, keepdim=True),
-                             args.mmd_bandwidth, args.mmd_n, sliced=False)
-    floor_stats = evaluator(torch.cat(tt.fresh_sets(data, args, offset=1000)))
+    evaluator, floor_stats = evaluation(data, args)
     floor = 2.0 * floor_stats["mmd2"].se
     print(tt.header(args) + f"; NFE grid {args.grid}; reverse-SDE reference {args.ref_steps} steps", flush=True)
     found, _ = contenders(data, args)

@@ -18,13 +18,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import sampler_nfe as sn  # noqa: E402
-import t_tradeoff_gmm as tt  # noqa: E402
 from difftime.grid_fit import refine_grid  # noqa: E402
 from difftime.samplers import DPMSolverPP  # noqa: E402
 from difftime.schedules import KarrasRho, LogSNR, Tabulated  # noqa: E402
@@ -36,17 +33,8 @@ VARIANTS = {"2M": dict(order=2, corrector=False), "2M+UniC": dict(order=2, corre
 
 
 def main() -> None:
-    sys.argv[1:] = ["--score", "oracle"]
-    args = sn.parse_args()
-    torch.set_num_threads(1)
-    tt._quiet()
-    data = tt.make_data(args)
-    dirs = torch.randn(args.directions, 2, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
-    evaluator = tt.Evaluator(data, tt.fresh_sets(data, args, offset=0), dirs / dirs.norm(dim=1, keepdim=True),
-                             args.mmd_bandwidth, args.mmd_n, sliced=False)
-    floor = 2.0 * evaluator(torch.cat(tt.fresh_sets(data, args, offset=1000)))["mmd2"].se
-    sde = tt.VPSDE(T=1.0, eps=args.eps)
-    contender = tt.Contender("oracle", 1.0, "gaussian", sde.prior((2,)), sde, tt.oracle_score_fn(data, sde))
+    args, evaluator, floor, contender = sn.oracle_at_T1()
+    sde = contender.sde
     cases = [sn.make_case(contender, args.reps * args.n, args.seed, index) for index in (0, 1)]
     for case in cases:
         sn.references(case, evaluator, args)
