@@ -160,7 +160,7 @@ class RefinedGrid:
 
 
 def refine_grid(costs: GridCosts, sampler_for: Callable[[Schedule], Sampler], score_fn: ScoreFn, sde: SDE,
-                starts: dict[str, Schedule], steps: int, sweeps: int = 3,
+                starts: dict[str, Schedule], steps: int, sweeps: int = 2,
                 fractions: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)) -> RefinedGrid:
     """Tune a ``steps``-step grid for one deterministic sampler (step 4 of the module docstring).
 

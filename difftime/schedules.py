@@ -11,9 +11,9 @@ A schedule maps ``(sde, steps)`` to the decreasing grid T = t_0 > t_1 > ... > t_
   (Lu et al. 2022, "DPM-Solver", Sec. 3.3 and App. D.1: "uniform logSNR").
 * :class:`KarrasRho`: Karras et al. 2022 ("EDM"), Eq. 5, uniform in sigma^(1/rho) with
   sigma = s / m, rho = 7: dense near eps where the detail forms.
-* :class:`Tabulated`: a given grid of lambda values for one (SDE, T, eps, steps), as written by
-  :func:`difftime.grid_fit.fit_time_grid`, which places the steps of a model's own sampling
-  trajectories (dynamic programming over a fine LogSNR grid).
+* :class:`Tabulated`: a given grid of lambda values for one (SDE, T, eps, steps), as
+  :mod:`difftime.grid_fit` writes it: placed on a model's own sampling trajectories (dynamic
+  programming over a fine LogSNR grid) and tuned to a sampler (``refine_grid``).
 
 Schedules are typed objects, so a config injects one with ``class_path:
 difftime.schedules.LogSNR``; :data:`SCHEDULES` maps their ``name`` to the class for scripts.
