@@ -78,6 +78,14 @@ class ResumableDataLoader(DataLoader):
         self._position = batches
 
 
+class DataNotFoundError(FileNotFoundError):
+    """The files a datamodule reads are not where its config points.
+
+    The message is one line naming the folder, the files expected there and the fix; the entry
+    point prints it as it is (no traceback) and exits with status 2.
+    """
+
+
 class DiffusionDataModule(LightningDataModule):
     """Common loaders of every datamodule; subclasses build the datasets.
 
@@ -131,6 +139,10 @@ class DiffusionDataModule(LightningDataModule):
             self.train_set, self.val_set = self.build_fit()
         if stage in (None, "test") and self.test_set is None:
             self.test_set = self.build_test()
+
+    def check_data(self) -> None:
+        """Called by the entry point before any work: raise :class:`DataNotFoundError` when the
+        data cannot be there (files missing and no download asked for). Packaged sets: nothing to do."""
 
     # ------------------------------------------------------------------ sharding
     def world(self) -> tuple[int, int]:

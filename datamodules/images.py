@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from datamodules.base import DiffusionDataModule, InMemoryDataset
+from datamodules.base import DataNotFoundError, DiffusionDataModule, InMemoryDataset
 from difftime.data import ImageScaling
 from difftime.utils import ConfigError, Stream, step_seed
 
@@ -78,8 +78,9 @@ class ImageDataModule(DiffusionDataModule):
 class TorchvisionDataModule(ImageDataModule):
     """A torchvision dataset read from ``root``; downloads only when ``download`` is true.
 
-    Missing files raise :class:`FileNotFoundError` in ``prepare_data``/``setup``, before any
-    training step, naming the folder and the files expected there.
+    Missing files raise :class:`~datamodules.base.DataNotFoundError` (one line naming the folder
+    and the files expected there) from :meth:`check_data`, which the entry point calls before any
+    work, and from ``prepare_data``/``setup``.
     """
 
     folder: str = ""
@@ -111,12 +112,29 @@ class TorchvisionDataModule(ImageDataModule):
         files = self.files if files is None else files
         return [self.data_dir / f for f in files if not (self.data_dir / f).is_file()]
 
-    def not_found(self, missing: list[Path], cause: str = "") -> FileNotFoundError:
-        expected = ", ".join(self.files)
-        message = (f"{self.name} data not found in folder '{self.data_dir}': expected the files {expected}; "
-                   f"missing: {', '.join(str(p) for p in missing)}. {cause}"
-                   f"Fix: set download: true (needs internet) or copy the files into '{self.data_dir}'.")
-        return FileNotFoundError(message)
+    def not_found(self, missing: list[Path], failure: BaseException | None = None) -> DataNotFoundError:
+        """One line: the folder, the files expected there, which are missing, and the fix.
+
+        With ``download: false`` the fix is to turn the download on or copy the files; when a
+        download was asked for and failed (offline), it says so with the reason instead of
+        advising the setting that is already on.
+        """
+        gone = {p.name for p in missing}
+        have = "none of them is there" if len(gone) == len(self.files) else f"missing: {', '.join(sorted(gone))}"
+        where = f"{self.name} data not found in folder '{self.data_dir}': expected {', '.join(self.files)} ({have})"
+        if failure is None:
+            fix = (f"set data.init_args.download: true (needs internet) or copy the official files into "
+                   f"'{self.data_dir}'")
+        else:
+            reason = str(getattr(failure, "reason", "") or failure) or type(failure).__name__
+            fix = (f"the download failed ({type(failure).__name__}: {reason}; no internet?): copy the official "
+                   f"files into '{self.data_dir}', or run once where the download works")
+        return DataNotFoundError(f"{where}; {fix}")
+
+    def check_data(self) -> None:
+        """Before any work: with ``download: false`` every file must already be there."""
+        if not self.download and (missing := self.missing_files()):
+            raise self.not_found(missing)
 
     def prepare_data(self) -> None:
         if self.download and self.missing_files():
@@ -124,7 +142,7 @@ class TorchvisionDataModule(ImageDataModule):
                 for train in (True, False):
                     self.dataset_class()(self.root, train=train, download=True)
             except Exception as error:  # offline: URLError, RuntimeError, ... all mean "no data"
-                raise self.not_found(self.missing_files(), f"Download failed: {error!r}. ") from error
+                raise self.not_found(self.missing_files(), error) from None
         self.check_files(self.files)
 
     def damaged(self, files: tuple[str, ...], cause: str) -> ValueError:

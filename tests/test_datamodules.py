@@ -33,6 +33,7 @@ from datamodules import (
     SklearnDigitsDataModule,
     ToyDataModule,
 )
+from datamodules.base import DataNotFoundError
 from difftime.toy import RandomMixture, Ring
 from difftime.utils import ConfigError, Stream, step_seed
 
@@ -272,29 +273,69 @@ def test_cifar10_pickles_round_trip(tmp_path, monkeypatch):
     check_split(dm, train, labels, test, 3)
 
 
-@pytest.mark.parametrize("cls,folder,files", [
+MISSING_CASES = [
     (MNISTDataModule, "MNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                                     "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]),
     (CIFAR10DataModule, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
-])
+]
+
+
+@pytest.mark.parametrize("cls,folder,files", MISSING_CASES)
 def test_missing_files_name_the_folder_and_files(tmp_path, cls, folder, files):
+    """download: false and no files: one line, from check_data (before any work) and every later step."""
     dm = cls(root=str(tmp_path / "nowhere"), download=False)
-    for step in (dm.prepare_data, dm.setup):
-        with pytest.raises(FileNotFoundError) as info:
+    for step in (dm.check_data, dm.prepare_data, dm.setup):
+        with pytest.raises(DataNotFoundError) as info:
             step()
         message = str(info.value)
-        assert str(tmp_path / "nowhere" / folder) in message and "download: true" in message
+        assert "\n" not in message and info.value.__cause__ is None
+        assert str(tmp_path / "nowhere" / folder) in message and "data.init_args.download: true" in message
         assert all(name in message for name in files)
 
 
-def test_failed_download_is_a_file_error(tmp_path, monkeypatch):
+def test_one_missing_file_is_named(tmp_path):
+    folder = tmp_path / "MNIST/raw"
+    folder.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
+        (folder / name).write_bytes(b"")
+    with pytest.raises(DataNotFoundError, match=r"\(missing: t10k-labels-idx1-ubyte\)"):
+        MNISTDataModule(root=str(tmp_path), download=False).check_data()
+
+
+@pytest.mark.parametrize("cls,folder,files", MISSING_CASES)
+def test_failed_download_is_one_line_without_chained_tracebacks(tmp_path, monkeypatch, cls, folder, files):
+    """Offline with download: true: the reason, the folder and the files, and no advice to set download: true."""
     class Offline:
         def __init__(self, *args, **kwargs):
             raise URLError("no network")
 
-    monkeypatch.setattr(MNISTDataModule, "dataset_class", staticmethod(lambda: Offline))
-    with pytest.raises(FileNotFoundError, match="Download failed.*no network"):
-        MNISTDataModule(root=str(tmp_path), download=True).prepare_data()
+    monkeypatch.setattr(cls, "dataset_class", staticmethod(lambda: Offline))
+    dm = cls(root=str(tmp_path), download=True)
+    dm.check_data()  # the download may still work: prepare_data decides
+    with pytest.raises(DataNotFoundError) as info:
+        dm.prepare_data()
+    message = str(info.value)
+    assert "\n" not in message and "download failed (URLError: no network" in message
+    assert "download: true" not in message and str(tmp_path / folder) in message
+    assert all(name in message for name in files)
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained tracebacks
+
+
+@pytest.mark.xfail(strict=False, reason="needs the entry point to call datamodule.check_data() before any work and "
+                                        "print DataNotFoundError as one line with exit 2 (commands/cli.py)")
+def test_cli_offline_dataset_is_one_line(tmp_path):
+    """train.py on CIFAR-10 without its files: one line on stderr naming the folder, exit 2."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "train.py"), "fit", "--config", str(root / "configs/cifar10.yaml"),
+                             "--data.init_args.root", str(tmp_path), "--data.init_args.download", "false",
+                             "--trainer.max_steps", "1", "--trainer.accelerator", "cpu"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if "cifar-10-batches-py" in line or "Traceback" in line]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
 
 
 # ---------------------------------------------------------------------- offline real sets
