@@ -20,7 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from difftime.utils import Generator, append_dims, randn, sum_flat
+from difftime.randomness import Generator, randn
+from difftime.utils import sum_flat
 
 
 @runtime_checkable
@@ -75,14 +76,6 @@ class GaussianPrior(nn.Module):
 
     def extra_repr(self) -> str:
         return f"event_shape={self.event_shape}, std={self.std:g}, mean={self.mean:g}"
-
-
-def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """log N(x; mean, std^2 I) per sample. ``x, mean: [B, *D]``, ``std: [B]``."""
-    x, mean, std = x.float(), mean.float(), std.float()
-    d = x[0].numel()
-    z = (x - mean) / append_dims(std, x.ndim)
-    return -0.5 * sum_flat(z**2) - d * (torch.log(std) + 0.5 * math.log(2 * math.pi))
 
 
 # ---------------------------------------------------------------------- compatibility

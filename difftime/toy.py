@@ -193,17 +193,6 @@ class Gaussian(GaussianMixture):
         super().__init__(torch.ones(1), mu, torch.diag(sd**2)[None], event_shape)
 
 
-class IsotropicMixture(GaussianMixture):
-    """sum_k w_k N(mu_k, std^2 I); equal weights unless given."""
-
-    def __init__(self, means: list[list[float]], std: float = 0.1, weights: list[float] | None = None,
-                 event_shape: list[int] | None = None) -> None:
-        mu = torch.as_tensor(means, dtype=torch.float64)
-        k, d = mu.shape
-        w = torch.ones(k) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-        super().__init__(w, mu, _isotropic_covs(torch.tensor(std), k, d), event_shape)
-
-
 class Ring(GaussianMixture):
     """2-D mixture of ``n_modes`` isotropic Gaussians equally spaced on a circle."""
 

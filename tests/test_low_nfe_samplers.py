@@ -203,7 +203,7 @@ def test_config_classes_call_their_functions_with_defaults():
     x_T = start(sde, 20).float()
     sampler = S.DPMSolverPP(steps=7, schedule=KarrasRho())
     assert repr(sampler) == ("DPMSolverPP(steps=7, denoise=False, schedule=KarrasRho(rho=7.0), order=2, "
-                             "lower_order_final=True, corrector=True, variant='paper')")
+                             "lower_order_final=True, corrector=True, variant='paper', threshold=None, percentile=0.995)")
     x, info = sampler(oracle(sde), sde, x_T)
     y, _ = S.dpm_solver_pp(oracle(sde), sde, x_T, 7, schedule=KarrasRho())
     assert torch.equal(x, y) and info["nfe"] == 7 and info["schedule"] == "karras"
