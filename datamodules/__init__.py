@@ -11,7 +11,7 @@ from datamodules.images import (
     SklearnDigitsDataModule,
     TorchvisionDataModule,
 )
-from datamodules.sampler import EvalShardSampler, ShardedSampler
+from datamodules.sharding import EvalShardSampler, ShardedSampler
 from datamodules.toy import ToyDataModule
 
 __all__ = [

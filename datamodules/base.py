@@ -6,7 +6,7 @@ through :attr:`DiffusionDataModule.scaling`, with the module's counter-based noi
 data pipeline holds no randomness except the seeded epoch permutation.
 
 The Trainer runs with ``use_distributed_sampler=False``; sharding is done here by
-:class:`~datamodules.sampler.ShardedSampler` so that one- and multi-process runs see the same
+:class:`~datamodules.sharding.ShardedSampler` so that one- and multi-process runs see the same
 global batches. The training loader implements ``state_dict``/``load_state_dict``: Lightning
 stores it in every checkpoint and restores it before the first batch, so a run resumed from a
 mid-epoch checkpoint continues with exactly the next batch of the same epoch.
@@ -21,7 +21,7 @@ from lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.sampler import EvalShardSampler, ShardedSampler, check_world
+from datamodules.sharding import EvalShardSampler, ShardedSampler, check_world
 from difftime.data import DataScaling
 from difftime.utils import ConfigError
 

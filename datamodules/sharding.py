@@ -1,4 +1,4 @@
-"""Samplers that shard every global batch across ranks, so any world size sees the same data.
+"""Index samplers (torch.utils.data) that shard every global batch across ranks: any world size sees the same data.
 
 Training (:class:`ShardedSampler`): epoch e uses the permutation pi_e drawn from
 ``torch.Generator().manual_seed(step_seed(seed, Stream.EPOCH_SHUFFLE, e))``. The incomplete global batch is dropped;
@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
-from difftime.utils import ConfigError, Stream, shard_range, step_seed
+from difftime.randomness import Stream, shard_range, step_seed
+from difftime.utils import ConfigError
 
 
 def check_world(batch_size: int, world_size: int, rank: int = 0, owner: str = "") -> int:
