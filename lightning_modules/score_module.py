@@ -8,7 +8,9 @@ for the whole global batch, so a resumed or re-sharded run draws exactly the sam
 
 from __future__ import annotations
 
+import math
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -22,7 +24,7 @@ from difftime.data import bits_per_dim
 from difftime.likelihood import elbo
 from difftime.losses import DSMLoss
 from difftime.networks import NoisePredictor
-from difftime.priors import Prior, check_prior, describe_prior
+from difftime.priors import Prior, check_prior, describe_prior, same_q_T
 from difftime.samplers import EulerMaruyama, Sampler
 from difftime.score import make_score_fn
 from difftime.sde import SDE, ScoreFn
@@ -92,7 +94,7 @@ class ScoreModule(DiffusionSystem):
         self.ema.requires_grad_(False)
         self.eval_sde = self._truncated(sde, eval_T)
         self.prior = prior if prior is not None else self.eval_sde.prior(self.data_shape)
-        check_prior(self.prior, self.eval_sde.hparams(), self.data_shape)
+        self._check_prior()
         self._check_schedule()
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         if compile:
@@ -113,11 +115,34 @@ class ScoreModule(DiffusionSystem):
 
     @staticmethod
     def _truncated(sde: SDE, eval_T: float | None) -> SDE:
-        """The SDE that evaluation runs: the training SDE, or the same SDE stopped at T' = eval_T."""
+        """The SDE that evaluation runs: the training SDE, or the same SDE stopped at T' = eval_T.
+
+        The message says where the key comes from (``sample.py --eval_T`` sets it) and where the
+        bound T comes from (the score model's own training SDE), not only the config paths.
+        """
         if eval_T is None:
             return sde
-        checks.real("eval_T", eval_T, "ScoreModule", sde.eps, sde.T, high_open=False)
+        ok = not isinstance(eval_T, bool) and isinstance(eval_T, (int, float)) and math.isfinite(eval_T)
+        if not (ok and sde.eps < eval_T <= sde.T):
+            raise ConfigError("eval_T", eval_T, f"eps < T' <= T, i.e. ({sde.eps:g}, {sde.T:g}]: the score model was "
+                              f"trained up to T = {sde.T:g} (its sde's T) and cannot start later",
+                              "ScoreModule post-hoc truncation T', set by sample.py --eval_T")
         return sde.with_T(eval_T)
+
+    def _check_prior(self) -> None:
+        """:func:`~difftime.priors.check_prior` for the evaluation SDE; a prior fitted at another T
+        fails with the ways out: the Gaussian prior, that prior's own T, or a prior trained at T'."""
+        try:
+            return check_prior(self.prior, self.eval_sde.hparams(), self.data_shape)
+        except ValueError as error:
+            failure = error
+        trained_for = getattr(self.prior, "trained_for", None) or {}
+        prior_T, shape = trained_for.get("T"), tuple(getattr(self.prior, "event_shape", ()))
+        if prior_T is None or shape != self.data_shape or not same_q_T({**trained_for, "T": self.eval_sde.T},
+                                                                       self.eval_sde.hparams()):
+            raise failure
+        # raised outside the handler: one error, not a chain (entry points print its line alone)
+        raise ValueError(f"{failure}; {prior_remedies(float(prior_T), self.sde, self.eval_sde.T, self.prior)}")
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -243,3 +268,18 @@ class ScoreModule(DiffusionSystem):
         noise = PerSampleNoise([self.seed + int(i) for i in batch], self.device)
         samples, _ = self.sample(batch.shape[0], generator=noise, callback=self.step_callback)
         return {"index": batch, "samples": self.scaling.to_output(samples)}
+
+
+def prior_remedies(prior_T: float, sde: SDE, eval_T: float, prior: Prior) -> str:
+    """The ways out when an auxiliary prior fitted at ``prior_T`` meets a process started at T' = ``eval_T``:
+    the Gaussian prior at T', the prior's own T (when the score model reaches it), or a prior trained at T'."""
+    options = [f"use the Gaussian prior at T' = {eval_T:g} (sample.py --prior gaussian; prior: null in a config)"]
+    if sde.eps < prior_T <= sde.T:
+        options.append(f"truncate at T' = {prior_T:g} (sample.py --eval_T {prior_T:g})")
+    run = Path(str(getattr(prior, "path", "") or "")).parts  # runs/aux_<config>/<version>/checkpoints/last.ckpt
+    name = next((part[4:] for part in run if part.startswith("aux_")), "<data>_<flow>")
+    T_file = f"configs/T/{eval_T:g}.yaml"
+    where = (f"--config {T_file}" if (Path(__file__).resolve().parents[1] / T_file).is_file() else
+             f"--model.init_args.sde.init_args.T {eval_T:g} --trainer.logger.init_args.version T{eval_T:g}")
+    options.append(f"train an auxiliary prior at T = {eval_T:g} (python train.py fit --config configs/aux/{name}.yaml {where})")
+    return f"this prior exists at T = {prior_T:g} only: " + ", or ".join(options)

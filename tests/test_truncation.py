@@ -83,3 +83,59 @@ def test_prior_at_another_T_is_refused_with_both_values():
     with pytest.raises(ValueError, match=r"aux\.ckpt was trained for VPSDE\(T=0\.6.*uses VPSDE\(T=0\.4"):
         ScoreModule(OracleScore(data, sde), sde, data_shape=(2,), prior=Fitted(), eval_T=T_EVAL)
     ScoreModule(OracleScore(data, sde), sde, data_shape=(2,), prior=Fitted(), eval_T=0.6)  # the matching T'
+
+
+def fitted_prior(sde: VPSDE, T: float, path: str) -> torch.nn.Module:
+    """What AuxPriorCheckpoint exposes of a checkpoint fitted at ``T`` (2-D data)."""
+    class Fitted(torch.nn.Module):
+        exact, bound_name, event_shape = True, None, (2,)
+        trained_for = sde.with_T(T).hparams()
+
+        def sample(self, n, generator=None):
+            return torch.zeros(n, 2)
+
+        def log_prob(self, x, generator=None):
+            return torch.zeros(x.shape[0])
+
+    prior = Fitted()
+    prior.path = path
+    return prior
+
+
+@pytest.mark.parametrize("prior_T,eval_T,train_with", [
+    (0.6, 0.4, "--config configs/T/0.4.yaml"),  # a configs/T file exists for T' = 0.4
+    (0.6, 0.3, "--model.init_args.sde.init_args.T 0.3 --trainer.logger.init_args.version T0.3"),
+])
+def test_prior_at_another_T_names_the_ways_out_in_one_line(prior_T, eval_T, train_with):
+    """The refusal says: the Gaussian prior at T', the prior's own T, or the command that trains a prior at T'."""
+    sde = VPSDE(T=T_MAX, eps=1e-3)
+    data = GaussianMixture(torch.ones(1), torch.zeros(1, 2), torch.eye(2)[None])
+    prior = fitted_prior(sde, prior_T, f"runs/aux_digits8x8_glow/T{prior_T:g}/checkpoints/last.ckpt")
+    with pytest.raises(ValueError) as info:
+        ScoreModule(OracleScore(data, sde), sde, data_shape=(2,), prior=prior, eval_T=eval_T)
+    message = str(info.value)
+    assert "\n" not in message and info.value.__context__ is None and info.value.__cause__ is None
+    assert f"trained for VPSDE(T={prior_T:g}" in message and f"this prior exists at T = {prior_T:g} only" in message
+    assert "--prior gaussian" in message and f"--eval_T {prior_T:g}" in message
+    assert f"python train.py fit --config configs/aux/digits8x8_glow.yaml {train_with})" in message
+
+
+def test_prior_beyond_the_trained_T_is_not_offered_as_a_truncation():
+    """A prior at T = 0.6 cannot serve a score model trained up to T = 0.5: no --eval_T 0.6 advice."""
+    sde = VPSDE(T=0.5, eps=1e-3)
+    data = GaussianMixture(torch.ones(1), torch.zeros(1, 2), torch.eye(2)[None])
+    with pytest.raises(ValueError) as info:
+        ScoreModule(OracleScore(data, sde), sde, data_shape=(2,), prior=fitted_prior(sde, 0.6, "aux.ckpt"), eval_T=0.4)
+    assert "--prior gaussian" in str(info.value) and "--eval_T" not in str(info.value)
+    assert "configs/aux/<data>_<flow>.yaml" in str(info.value)  # the prior's config is not known from its path
+
+
+def test_eval_T_above_the_trained_T_says_where_both_come_from():
+    """The bound is the score model's own T, and the key is the one sample.py --eval_T sets."""
+    sde = VPSDE(T=0.4, eps=1e-3)
+    data = GaussianMixture(torch.ones(1), torch.zeros(1, 2), torch.eye(2)[None])
+    with pytest.raises(ConfigError) as info:
+        ScoreModule(OracleScore(data, sde), sde, data_shape=(2,), eval_T=0.5)
+    message = str(info.value)
+    assert "set by sample.py --eval_T" in message and "(0.001, 0.4]" in message
+    assert "trained up to T = 0.4" in message and "\n" not in message
