@@ -26,7 +26,7 @@ What this callback fixes compared with a metric attached to the LightningModule:
 Feature extractors: Inception-v3 (torch-fidelity's port of the TF 2015 graph, 2048-d pool
 features) with weights from ``inception_weights`` (offline; see ``scripts/convert_inception.py``)
 or downloaded; or any ``nn.Module`` mapping uint8 ``[B, 3, H, W]`` to ``[B, F]``, for example
-:class:`RandomConvFeatures` for small images. A FID is only comparable with FIDs computed with
+:class:`difftime.features.RandomConvFeatures` for small images. A FID is only comparable with FIDs computed with
 the same extractor (and, for Inception, the same resize mode and sample count).
 """
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -53,8 +52,12 @@ from callbacks.distributed import generate_shard
 from callbacks.progress import SamplingProgress, progress_for
 from callbacks.sample_grid import sampling_fn
 from difftime import checks
+from difftime.features import RandomConvFeatures, weights_digest
 from difftime.quality import frechet_distance
 from difftime.utils import ConfigError, shard_range
+
+__all__ = ["FID", "FrechetDistance", "RandomConvFeatures", "frechet_distance", "gaussian_moments",
+           "weights_digest"]  # the extractors live in difftime.features; re-exported under their old names
 
 _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
@@ -89,52 +92,6 @@ class FrechetDistance(FrechetInceptionDistance):
         for name in _REAL_STATES:
             current = getattr(self, name)
             setattr(self, name, state[name].to(device=current.device, dtype=current.dtype).clone())
-
-
-# ---------------------------------------------------------------------- extractors
-class RandomConvFeatures(nn.Module):
-    """Fixed random convolutional features for small images: uint8 ``[B, 3, H, W]`` -> ``[B, F]``.
-
-    Pretrained-free: He-normal convolutions drawn once from ``seed``, ReLU, stride-2
-    down-sampling, spatial mean of the last layer (``F = widths[-1]``). Random embeddings keep
-    FID informative on domains far from ImageNet (Naeem et al. 2020, "Reliable Fidelity and
-    Diversity Metrics for Generative Models", Sec. 5), and need no download. FIDs computed with
-    it are only comparable with FIDs computed with the same ``widths`` and ``seed``, never with
-    Inception FIDs.
-    """
-
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 128), seed: int = 0) -> None:
-        super().__init__()
-        if not widths or min(widths) < 1:
-            raise ConfigError("widths", widths, "a non-empty tuple of positive integers", "RandomConvFeatures")
-        self.widths, self.seed = tuple(int(w) for w in widths), int(seed)
-        generator = torch.Generator().manual_seed(self.seed)
-        layers, channels = [], 3
-        for i, width in enumerate(self.widths):
-            conv = nn.Conv2d(channels, width, 3, stride=1 if i == 0 else 2, padding=1)
-            fan_in = channels * 9
-            conv.weight.data = torch.randn(conv.weight.shape, generator=generator) * math.sqrt(2.0 / fan_in)
-            conv.bias.data = 0.1 * torch.randn(conv.bias.shape, generator=generator)
-            layers += [conv, nn.ReLU()]
-            channels = width
-        self.layers = nn.Sequential(*layers).requires_grad_(False)
-        self.num_features = self.widths[-1]
-
-    def forward(self, images: Tensor) -> Tensor:
-        x = (images.float() - 127.5) / 127.5
-        return self.layers(x).flatten(2).mean(-1)
-
-    def extra_repr(self) -> str:
-        return f"widths={self.widths}, seed={self.seed}"
-
-
-def weights_digest(module: nn.Module) -> str:
-    """Short SHA-256 of a module's structure and every tensor of its state dict (its identity)."""
-    digest = hashlib.sha256(repr(module).encode())
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------- callback
