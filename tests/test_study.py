@@ -1,6 +1,7 @@
-"""study.py on a tiny toy study (configs/study/toy_tiny.yaml): spec checks before any work, the
-dry-run plan against what runs, a study killed mid-unit and re-run, a one-value change, and every
-report cell equal to what the library gives on the same units."""
+"""The study (commands.study, study.py) on a tiny toy study (configs/study/toy_tiny.yaml): spec checks
+before any work, the dry-run plan against what runs, a study killed mid-unit and re-run, units whose
+recorded outputs no longer verify run again, a one-value change, and every report cell equal to what
+the library gives on the same units."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import pytest
 import torch
 import yaml
 
-import study
+import commands.study as study
+from commands.study.config import build_object, model_config
+from commands.study.records import final_checkpoint, write_record
 from difftime import quality
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +134,22 @@ def test_study_end_to_end_kill_resume_and_one_change(tmp_path, capsys):
     # 3. every report cell filled, with the values the library gives on the same units
     check_report(out, path)
 
+    # 4. a done unit whose recorded outputs no longer verify runs again, and the study says which file
+    samples = [u for u in planned if u.startswith("sample/")]
+    (out / "units" / samples[0] / "samples" / "samples.npz").unlink()
+    (out / "units" / samples[1] / "result.json").write_text("{garbage")
+    table = plan_table(path, capsys)
+    assert table[samples[0]] == table[samples[1]] == "invalid"
+    assert [u for u, s in table.items() if s != "done"] == [samples[0], samples[1], report_id(table)]
+    before = len(executed(out))
+    process = run_study(path)
+    _, stderr = process.communicate(timeout=400)
+    assert process.returncode == 0, stderr
+    assert executed(out)[before:] == [samples[0], samples[1], report_id(table)]
+    assert f"running {samples[0]} (samples/samples.npz is missing; running it again)" in stderr
+    assert f"running {samples[1]} (result.json differs from what the unit wrote" in stderr
+    check_report(out, path)
+
     # 4. one spec value changed: only the units it affects run
     changed = write_spec(tmp_path, "changed.yaml", **{"samplers": [{"name": "dpm_solver_pp", "nfe": [4, 6]}]})
     plan = plan_table(changed, capsys)
@@ -140,6 +159,19 @@ def test_study_end_to_end_kill_resume_and_one_change(tmp_path, capsys):
     before = len(executed(out))
     study.main(["--config", str(changed)])
     assert executed(out)[before:] == todo
+
+
+    # 5. a report that cannot read a unit names the unit and the file, and leaves no stale report behind
+    unit = next(u for u in study.make_plan(study.load_spec(changed), changed).units.values() if u.kind == "sample")
+    (unit.folder / "samples" / "samples.npz").write_bytes(b"not an npz")
+    write_record(unit, [unit.folder / "samples" / "samples.npz", unit.folder / "result.json"])  # verifies: done
+    with pytest.raises(study.OutputError, match=rf"unit {unit.id}: cannot read .*samples.npz"):
+        study.main(["--config", str(changed), "--stage", "report"])
+    assert not (out / "report" / "report.md").exists() and not (out / "report" / "results.csv").exists()
+
+
+def report_id(table: dict[str, str]) -> str:
+    return next(u for u in table if u.startswith("report/"))
 
 
 def check_report(out: Path, spec_path: Path) -> None:
@@ -157,7 +189,7 @@ def check_report(out: Path, spec_path: Path) -> None:
     assert list((out / "report" / "tensorboard").glob("events.out.tfevents.*"))
     plan = study.make_plan(study.load_spec(spec_path), spec_path)
     reference = plan.units[rows[0]["unit"]]  # the data's test split, through the datamodule
-    data = study._datamodule(study._model_config(plan.spec.score)["data"]).draw("test").data.double()
+    data = build_object(model_config(plan.spec.score)["data"]).draw("test").data.double()
     for row in rows:
         unit = plan.units[row["unit"]]
         samples = study.load_samples(unit)
@@ -182,14 +214,31 @@ def check_report(out: Path, spec_path: Path) -> None:
 
 
 def validate_again(plan, unit) -> dict[str, float]:
-    import train
+    """``train.py validate`` with BitsPerDim on the score unit's checkpoint, through the command line
+    (LightningCLI restores the checkpoint itself): an independent path to the unit's numbers."""
+    from commands.cli import main
 
-    config = yaml.safe_load((unit.folder / "validate.yaml").read_text())
-    config["trainer"]["logger"]["init_args"]["version"] = "check"
+    score = plan.units[unit.params["score"]]
+    config = yaml.safe_load((score.folder / "config.yaml").read_text())
+    aux = plan.units[unit.params["aux"]] if unit.params["aux"] else None
+    bpd = unit.params["bpd"]
+    init = {k: bpd[k] for k in ("max_samples", "n_t", "n_prior", "ode", "ode_max_samples", "seed")}
+    config["trainer"].update(callbacks=[{"class_path": "callbacks.BitsPerDim", "init_args": init}],
+                             limit_val_batches=None, enable_progress_bar=False, devices=1, num_nodes=1, strategy="auto",
+                             logger={"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                     "init_args": {"save_dir": str(unit.folder.parent), "name": "check"}})
+    aux_ckpt = final_checkpoint(aux) if aux else None
+    config["model"]["init_args"]["prior"] = ({"class_path": "difftime.aux_priors.AuxPriorCheckpoint",
+                                              "init_args": {"path": str(aux_ckpt)}} if aux else None)
+    config["model"]["init_args"]["eval_T"] = None if unit.params["T"] == unit.params["T_train"] else unit.params["T"]
     path = unit.folder.parent / "check.yaml"
     path.write_text(yaml.safe_dump(config))
     ckpt = json.loads((unit.folder / "result.json").read_text())["checkpoint"]
-    cli = study._in_process(train.main, ["validate", "--config", str(path), "--ckpt_path", ckpt])
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        cli = main(["validate", "--config", str(path), "--ckpt_path", ckpt])
+    finally:
+        sys.argv = argv
     return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
 
 
@@ -225,18 +274,17 @@ def test_evaluation_only_keys_do_not_retrain_fit_units(tmp_path):
     assert {u.split("/")[0] for u in moved} >= {"score"}  # the SampleGrid of the fit samples with it
 
 
-def test_slurm_script_chains_one_array_job_per_stage(tmp_path):
-    """scripts/slurm_study.sh with a stand-in sbatch: arrays sized by the to-do units, afterok chain, report last."""
+def test_slurm_executor_chains_one_array_job_per_stage(tmp_path, monkeypatch):
+    """--executor slurm with a stand-in sbatch: arrays sized by the to-do units, afterok chain, report last."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "sbatch.log"
     (bin_dir / "sbatch").write_text(f'#!/bin/bash\necho "$@" >> {log}\necho $(( $(wc -l < {log}) + 100 ))\n')
     (bin_dir / "sbatch").chmod(0o755)
     path = write_spec(tmp_path)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable}
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "slurm_study.sh"), str(path)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)  # the jobs find the package from anywhere
+    study.main(["--config", str(path), "--executor", "slurm"])
     calls = log.read_text().splitlines()
     assert len(calls) == 4
     assert "--array=0-0" in calls[0] and "--task train" in calls[0] and "dependency" not in calls[0]

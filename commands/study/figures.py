@@ -1,0 +1,101 @@
+"""The report's figures: bits/dim terms against T', Fréchet distance against NFE, samples side by side."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from commands.study.plan import Plan
+from commands.study.records import load_samples
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def config_name(row: dict[str, Any]) -> str:
+    source = "trained" if row["source"] == "trained" else f"trunc. from {row['T_train']:g}"
+    return f"T={row['T']:g} ({source}), {row['prior']}"
+
+
+def configs(rows: list[dict[str, Any]]) -> list[tuple[float, str, str]]:
+    """The (T', source, prior) evaluated, in row order."""
+    return list(dict.fromkeys((r["T"], r["source"], r["prior"]) for r in rows))
+
+
+def figure_bpd(rows: list[dict[str, Any]]) -> Any:
+    """ELBO bits/dim and its three terms against T', one line per (prior, source), s.e. error bars."""
+    plt = _pyplot()
+    terms = (("bpd_elbo", "bpd_elbo_se"), ("bpd_prior", "bpd_prior_se"), ("bpd_diffusion", "bpd_diffusion_se"),
+             ("bpd_reconstruction", None))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    points = {(r["T"], r["source"], r["prior"]): r for r in rows}
+    for prior, source in dict.fromkeys((r["prior"], r["source"]) for r in rows):
+        chosen = sorted((k[0], v) for k, v in points.items() if k[1] == source and k[2] == prior)
+        for axis, (key, se) in zip(axes, terms):
+            axis.errorbar([T for T, _ in chosen], [r[key] for _, r in chosen],
+                          yerr=[r[se] for _, r in chosen] if se else None, marker="o" if source == "trained" else "s",
+                          linestyle="-" if source == "trained" else "--", capsize=3, label=f"{prior}, {source}")
+    for axis, (key, _) in zip(axes, terms):
+        axis.set_xlabel("T'")
+        axis.set_title(key.replace("bpd_", "") + " (bits/dim)", fontsize=10)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _curve(rows: list[dict[str, Any]], sampler: str, config: tuple[float, str, str]) -> list[dict[str, Any]]:
+    return sorted((r for r in rows if r["sampler"] == sampler and (r["T"], r["source"], r["prior"]) == config),
+                  key=lambda r: r["nfe"])
+
+
+def figure_quality(rows: list[dict[str, Any]]) -> Any:
+    """Fréchet distance (bootstrap CI) against NFE, one panel per sampler, one curve per (T', source, prior)."""
+    plt = _pyplot()
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    fig, axes = plt.subplots(1, len(samplers), figsize=(5.5 * len(samplers), 4), squeeze=False)
+    for axis, sampler in zip(axes[0], samplers):
+        for config in configs(rows):
+            chosen = _curve(rows, sampler, config)
+            # a percentile interval of a biased statistic (FD) need not contain the estimate: draw
+            # the interval itself, not error bars around the point
+            nfe = [r["nfe"] for r in chosen]
+            line, = axis.plot(nfe, [r["fd"] for r in chosen], marker="o", label=config_name(chosen[0]))
+            axis.vlines(nfe, [r["fd_low"] for r in chosen], [r["fd_high"] for r in chosen], color=line.get_color(),
+                        alpha=0.6)
+        axis.set_xscale("log")
+        axis.set_xlabel("NFE per sample")
+        axis.set_ylabel("Fréchet distance (features)")
+        axis.set_title(sampler, fontsize=10)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def figure_samples(plan: Plan, rows: list[dict[str, Any]]) -> Any:
+    """The same seeds' samples side by side for each (T', source, prior), first sampler at its largest NFE."""
+    from difftime.render import image_grid
+
+    plt = _pyplot()
+    sampler, chosen = rows[0]["sampler"], configs(rows)
+    fig, axes = plt.subplots(1, len(chosen), figsize=(3.2 * len(chosen), 3.6), squeeze=False)
+    n = plan.spec.quality.grid
+    for axis, config in zip(axes[0], chosen):
+        row = _curve(rows, sampler, config)[-1]
+        samples = load_samples(plan.units[row["unit"]])[:n]
+        if samples.dtype.is_floating_point:
+            axis.scatter(samples[:, 0], samples[:, -1], s=6)
+            axis.set_aspect("equal")
+        else:
+            grid = image_grid(samples, nrow=int(math.sqrt(n)), min_width=256)
+            axis.imshow(grid.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", interpolation="nearest")
+            axis.axis("off")
+        axis.set_title(f"{config_name(row)}\n{sampler}, NFE {row['nfe']}", fontsize=8)
+    fig.suptitle(f"seeds {plan.spec.seed}..{plan.spec.seed + n - 1}, the same for every panel", fontsize=9, y=1.04)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,144 @@
+"""report.md: the settings, the main table, bits/dim and its terms, and findings generated from the
+numbers, which say so where they do not support the paper (Franzese et al. 2023, Sec. 5)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from commands.study.figures import config_name, configs
+from commands.study.plan import Plan
+from commands.study.spec import GAUSSIAN
+
+
+def _pm(value: float, se: float) -> str:
+    return f"{value:.3f} ± {se:.3f}" if not math.isnan(se) else f"{value:.3f}"
+
+
+def _ci(row: dict[str, Any], key: str, digits: int = 2) -> str:
+    return f"{row[key]:.{digits}f} [{row[key + '_low']:.{digits}f}, {row[key + '_high']:.{digits}f}]"
+
+
+def report_markdown(plan: Plan, rows: list[dict[str, Any]], figures: list[str]) -> str:
+    """report.md: settings, the main table, the bits/dim table, costs, findings, figures."""
+    q, first = plan.spec.quality, rows[0]
+    accuracy = f", test accuracy {first['extractor_test_accuracy']:.4f}" if first["extractor_test_accuracy"] is not None else ""
+    lines = [f"# T study: {plan.spec.name}", "", *([plan.spec.note.strip(), ""] if plan.spec.note else []),
+             f"Spec `{plan.spec_path.name}`; {len(plan.units) - 1} units. bits/dim: ELBO on the first "
+             f"{first['bpd_n']} validation data (`callbacks.BitsPerDim`, n_t = {plan.spec.bpd.n_t}), ± one standard "
+             f"error. Quality: Fréchet distance (FD) and precision/recall (Kynkäänniemi et al. 2019, k = {q.k}) of "
+             f"{first['n_samples']} samples against the {first['n_reference']} items of the {first['reference']}, in "
+             f"the features of the {first['extractor']}{accuracy}; [{q.level:.0%} percentile bootstrap interval, "
+             f"{q.resamples} resamples, seed {q.seed}]. Costs on this machine: training wall time (all attempts, "
+             "start-up included) and steps, sampling wall time per sample, the prior's draw time per sample.", "",
+             "## Main table", "",
+             "| T' | score model | prior | sampler | NFE | bpd (ELBO) | FD | precision | recall | train s (steps) | aux s (steps) | sample s/sample | prior ms/sample |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        source = "trained" if r["source"] == "trained" else f"trunc. from {r['T_train']:g}"
+        aux = f"{r['aux_train_s']:.0f} ({r['aux_train_steps']})" if r["aux_train_steps"] else "-"
+        lines.append(f"| {r['T']:g} | {source} | {r['prior']} | {r['sampler']} | {r['nfe']} | "
+                     f"{_pm(r['bpd_elbo'], r['bpd_elbo_se'])} | {_ci(r, 'fd')} | {_ci(r, 'precision')} | "
+                     f"{_ci(r, 'recall')} | {r['score_train_s']:.0f} ({r['score_train_steps']}) | {aux} | "
+                     f"{r['sample_s_per_sample']:.4f} | {r['prior_ms_per_sample']:.3f} |")
+    lines += ["", "## Bits/dim and its terms", "", "bpd_elbo = bpd_prior + bpd_diffusion - bpd_reconstruction.", "",
+              "| T' | score model | prior | bpd_elbo | bpd_prior | bpd_diffusion | bpd_reconstruction |",
+              "|---|---|---|---|---|---|---|"]
+    for config in configs(rows):
+        r = next(r for r in rows if (r["T"], r["source"], r["prior"]) == config)
+        source = "trained" if r["source"] == "trained" else f"trunc. from {r['T_train']:g}"
+        lines.append(f"| {r['T']:g} | {source} | {r['prior']} | {_pm(r['bpd_elbo'], r['bpd_elbo_se'])} | "
+                     f"{_pm(r['bpd_prior'], r['bpd_prior_se'])} | {_pm(r['bpd_diffusion'], r['bpd_diffusion_se'])} | "
+                     f"{r['bpd_reconstruction']:.3f} |")
+    lines += ["", "## Findings", "", findings(rows, plan.T_max), "", "## Figures", ""]
+    lines += [f"![{name}]({name})" for name in figures]
+    return "\n".join(lines) + "\n"
+
+
+def findings(rows: list[dict[str, Any]], T_max: float) -> str:
+    """A short paragraph generated from the numbers; it says so where they do not support the paper."""
+    out = []
+    ref_rows = [r for r in rows if r["T"] == T_max and r["source"] == "trained" and r["prior"] == GAUSSIAN]
+    short = [c for c in configs(rows) if c[0] < T_max]
+    for sampler in dict.fromkeys(r["sampler"] for r in rows):
+        refs = [r for r in ref_rows if r["sampler"] == sampler]
+        if not refs:
+            continue
+        ref = max(refs, key=lambda r: r["nfe"])
+        for config in short:
+            chosen = sorted((r for r in rows if r["sampler"] == sampler and (r["T"], r["source"], r["prior"]) == config),
+                            key=lambda r: r["nfe"])
+            reached = next((r for r in chosen if r["fd_low"] <= ref["fd_high"]), None)
+            name = config_name(chosen[0])
+            if reached is not None:
+                better = " (better: its interval lies below)" if reached["fd_high"] < ref["fd_low"] else ""
+                out.append(f"With {sampler}, {name} reaches the quality of T={T_max:g} with the Gaussian prior at "
+                           f"{ref['nfe']} NFE (FD {_ci(ref, 'fd')}) with {reached['nfe']} NFE (FD {_ci(reached, 'fd')}){better}.")
+            else:
+                best = min(chosen, key=lambda r: r["fd"])
+                out.append(f"With {sampler}, {name} does not reach the quality of T={T_max:g} with the Gaussian prior at "
+                           f"{ref['nfe']} NFE (FD {_ci(ref, 'fd')}) at any NFE tested (best FD {_ci(best, 'fd')} at "
+                           f"{best['nfe']} NFE): these data do not support the paper's claim for it.")
+    out += _bpd_findings(rows, T_max)
+    out.insert(0, _verdict(rows, T_max))
+    out.append("(\"Reaches\": the lower end of its FD interval is at or below the upper end of the reference's; "
+               "bits/dim differences count only beyond two combined standard errors.)")
+    return " ".join(out)
+
+
+def _verdict(rows: list[dict[str, Any]], T_max: float) -> str:
+    """Overall: does some T' < T_max with an auxiliary prior match T_max + Gaussian in bits/dim and
+    quality with fewer NFE (the paper's claim, Franzese et al. 2023, Sec. 5)?"""
+    refs = {r["sampler"]: r for r in sorted(rows, key=lambda r: r["nfe"])
+            if r["T"] == T_max and r["source"] == "trained" and r["prior"] == GAUSSIAN}
+    best_recall = max(r["recall"] for r in rows)
+    if best_recall < 0.1:
+        return (f"Overall, these numbers cannot test the paper's claim on sample quality: the samples cover almost "
+                f"none of the reference set (recall <= {best_recall:.2f} everywhere), so every configuration is far "
+                "from the data and matching the T_max reference means only being equally poor; train longer.")
+    supported = []
+    for r in rows:
+        ref = refs.get(r["sampler"])
+        if ref is None or r["T"] >= T_max or r["prior"] == GAUSSIAN:
+            continue
+        bpd_ok = r["bpd_elbo"] - ref["bpd_elbo"] <= 2 * math.hypot(r["bpd_elbo_se"], ref["bpd_elbo_se"])
+        if bpd_ok and r["nfe"] < ref["nfe"] and r["fd_low"] <= ref["fd_high"]:
+            supported.append(f"{config_name(r)} with {r['sampler']} at {r['nfe']} NFE")
+    if supported:
+        return ("Overall, these numbers support the paper's claim that a shorter T with an auxiliary prior matches "
+                f"T={T_max:g} with the Gaussian prior in bits/dim and sample quality at fewer NFE: "
+                + "; ".join(supported[:3]) + ".")
+    return ("Overall, these numbers do not support the paper's claim: no T' < " f"{T_max:g} with an auxiliary prior "
+            f"matches T={T_max:g} with the Gaussian prior in both bits/dim and sample quality at fewer NFE.")
+
+
+def _bpd_findings(rows: list[dict[str, Any]], T_max: float) -> list[str]:
+    by_config = {c: next(r for r in rows if (r["T"], r["source"], r["prior"]) == c) for c in configs(rows)}
+    ref = by_config.get((T_max, "trained", GAUSSIAN))
+    out = []
+    for (T, source, prior), r in by_config.items():
+        if ref is None or r is ref:
+            continue
+        diff = r["bpd_elbo"] - ref["bpd_elbo"]
+        se = math.hypot(r["bpd_elbo_se"], ref["bpd_elbo_se"])
+        verdict = ("lower" if diff < -2 * se else "higher" if diff > 2 * se else "not distinguishable (within 2 s.e.)")
+        out.append(f"{config_name(r)}: bits/dim {_pm(r['bpd_elbo'], r['bpd_elbo_se'])}, {verdict} than "
+                   f"T={T_max:g} Gaussian ({_pm(ref['bpd_elbo'], ref['bpd_elbo_se'])}); prior term "
+                   f"{r['bpd_prior']:.3f} vs {ref['bpd_prior']:.3f}.")
+    for (T, source, prior), r in by_config.items():
+        trained = by_config.get((T, "trained", prior))
+        if source == "truncated" and trained is not None:
+            diff = r["bpd_elbo"] - trained["bpd_elbo"]
+            se = math.hypot(r["bpd_elbo_se"], trained["bpd_elbo_se"])
+            verdict = "indistinguishable from" if abs(diff) <= 2 * se else ("better than" if diff < 0 else "worse than")
+            out.append(f"Truncating the T={r['T_train']:g} model at T'={T:g} ({prior}) gives bits/dim "
+                       f"{_pm(r['bpd_elbo'], r['bpd_elbo_se'])}, {verdict} the model trained at {T:g} "
+                       f"({_pm(trained['bpd_elbo'], trained['bpd_elbo_se'])}).")
+    gaps = [(r, by_config.get((T, source, GAUSSIAN))) for (T, source, prior), r in by_config.items() if prior != GAUSSIAN]
+    for r, gauss in gaps:
+        if gauss is not None:
+            helped = r["bpd_prior"] < gauss["bpd_prior"]
+            out.append(f"At T={r['T']:g} ({r['source']}) the {r['prior']} prior {'lowers' if helped else 'does not lower'} "
+                       f"the prior term ({r['bpd_prior']:.3f} vs Gaussian {gauss['bpd_prior']:.3f} bits/dim)"
+                       f"{'' if helped else ', contrary to the paper'}.")
+    return out
