@@ -15,21 +15,25 @@ term grows with T'. T* = argmin_T' bpd(T') is the best diffusion time the model 
 Gaussian prior. An auxiliary prior (Franzese et al. Sec. 3) exists only at its training T, so with
 one the decomposition at T is also reported with that prior in place of the Gaussian.
 
-Logged scalars (validation loop; T' printed with three decimals):
+Logged scalars (validation loop; T' printed with three decimals). TensorBoard's default view
+(Time Series) sorts tag groups by name and opens the first two, ``samples`` and ``train``: the
+KL-gap groups are named to sort after ``train/`` and ``val/``, the summary first and the
+per-T' values, one card each, last:
 
-    kl_gap/prior/T=0.400        prior(T'), bits/dim
-    kl_gap/diffusion/T=0.400    diffusion(T'), bits/dim
-    kl_gap/bpd/T=0.400          bpd(T'), bits/dim
-    kl_gap/T_star, kl_gap/bpd_star
-    kl_gap/aux_prior/T=1.000, kl_gap/aux_bpd/T=1.000     (auxiliary prior only)
+    val_kl_gap/T_star, val_kl_gap/bpd_star      T* and bpd(T*), bits/dim
+    val_kl_gap/reconstruction                   the reconstruction term (the same for every T')
+    val_kl_gap/curves                           the figure: every term against T' (an image)
+    val_kl_gap_by_T/prior/T=0.400               prior(T'), bits/dim
+    val_kl_gap_by_T/diffusion/T=0.400           diffusion(T'), bits/dim
+    val_kl_gap_by_T/bpd/T=0.400                 bpd(T'), bits/dim
+    val_kl_gap_by_T/aux_prior/T=1.000, val_kl_gap_by_T/aux_bpd/T=1.000   (auxiliary prior only)
 
-plus the figure ``kl_gap/curves`` (TensorBoard) and, written by rank zero,
-``<log_dir>/kl_gap/step=<step>.csv`` (columns T, prior_bpd, prior_se, diffusion_bpd, diffusion_se,
-reconstruction_bpd, reconstruction_se, total_bpd, total_se, prior; the last is ``gaussian`` or
-``aux:<class>``; total = prior + diffusion - reconstruction per row, exactly, for the means) and
-the same figure as PNG. ``<step>`` is ``trainer.global_step``, the step the scalars are logged at.
-``kl_gap/reconstruction`` is logged too (it does not depend on T'). TensorBoard's Custom Scalars
-tab shows one chart per term holding every T' (:attr:`KLGap.scalar_layout`).
+Rank zero also writes ``<log_dir>/kl_gap/step=<step>.csv`` (columns T, prior_bpd, prior_se,
+diffusion_bpd, diffusion_se, reconstruction_bpd, reconstruction_se, total_bpd, total_se, prior; the
+last is ``gaussian`` or ``aux:<class>``; total = prior + diffusion - reconstruction per row,
+exactly, for the means) and the figure as PNG. ``<step>`` is ``trainer.global_step``, the step the
+scalars are logged at. TensorBoard's Custom Scalars tab shows one chart per term holding every T'
+(:attr:`KLGap.scalar_layout`).
 Standard errors are those of the mean over data of one-draw-per-datum estimates, which include the
 Monte-Carlo noise (law of total variance; see :mod:`callbacks.bpd`).
 """
@@ -69,6 +73,10 @@ class Row(NamedTuple):
     prior: str  # "gaussian" or "aux:<class>"
 
 
+#: tag groups (the part before the first '/'): after ``train`` and ``val`` in TensorBoard's sort
+SUMMARY, BY_T = "val_kl_gap", "val_kl_gap_by_T"
+
+
 def t_label(T: float) -> str:
     return f"T={T:.3f}"
 
@@ -92,12 +100,14 @@ class KLGap(EvalSetCallback):
 
     stages = ("val",)
     owner = "KLGap"
-    hparam_metrics = ("kl_gap/T_star", "kl_gap/bpd_star")
+    hparam_metrics = (f"{SUMMARY}/T_star", f"{SUMMARY}/bpd_star")
     scalar_layout = {"KL gap over T'": {
-        "prior(T'), the KL gap, bits/dim": ["Multiline", [r"kl_gap/prior/T=.*", r"kl_gap/aux_prior/T=.*"]],
-        "diffusion(T'), bits/dim": ["Multiline", [r"kl_gap/diffusion/T=.*"]],
-        "total bpd(T') = prior + diffusion - reconstruction": ["Multiline", [r"kl_gap/bpd/T=.*", r"kl_gap/aux_bpd/T=.*"]],
-        "T* and its bits/dim": ["Multiline", ["^kl_gap/T_star$", "^kl_gap/bpd_star$", "^kl_gap/reconstruction$"]]}}
+        "prior(T'), the KL gap, bits/dim": ["Multiline", [rf"^{BY_T}/prior/T=.*", rf"^{BY_T}/aux_prior/T=.*"]],
+        "diffusion(T'), bits/dim": ["Multiline", [rf"^{BY_T}/diffusion/T=.*"]],
+        "total bpd(T') = prior + diffusion - reconstruction": ["Multiline", [rf"^{BY_T}/bpd/T=.*",
+                                                                             rf"^{BY_T}/aux_bpd/T=.*"]],
+        "T* and its bits/dim": ["Multiline", [f"^{SUMMARY}/T_star$", f"^{SUMMARY}/bpd_star$",
+                                              f"^{SUMMARY}/reconstruction$"]]}}
 
     def __init__(self, T_grid: list[float] | None = None, n_grid: int = 10, every_n_validations: int = 1,
                  max_samples: int | None = 500, n_t: int = 4, n_prior: int = 1, seed: int = 0,
@@ -172,8 +182,8 @@ class KLGap(EvalSetCallback):
         summary = self.metric.compute()
         rows = self.rows(summary, type(pl_module.prior).__name__)
         best = min((row for row in rows if row.prior == "gaussian"), key=lambda row: row.total_bpd)
-        log_values(pl_module, {**curve_keys(rows), "kl_gap/T_star": best.T, "kl_gap/bpd_star": best.total_bpd,
-                               "kl_gap/reconstruction": best.reconstruction_bpd})
+        log_values(pl_module, {**curve_keys(rows), f"{SUMMARY}/T_star": best.T, f"{SUMMARY}/bpd_star": best.total_bpd,
+                               f"{SUMMARY}/reconstruction": best.reconstruction_bpd})
         log_dir = trainer.log_dir or trainer.default_root_dir  # a broadcast under DDP: every rank asks
         if trainer.is_global_zero:
             self._write(trainer, Path(log_dir) / "kl_gap", rows, best.T, int(summary["count"]))
@@ -202,7 +212,7 @@ class KLGap(EvalSetCallback):
         figure.savefig(out_dir / f"step={step:08d}.png", dpi=100)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_figure"):
-            experiment.add_figure("kl_gap/curves", figure, global_step=step)  # closes the figure
+            experiment.add_figure(f"{SUMMARY}/curves", figure, global_step=step)  # closes the figure
         else:
             import matplotlib.pyplot as plt
 
@@ -215,15 +225,19 @@ def curve_keys(rows: list[Row]) -> dict[str, float]:
     for row in rows:
         label = t_label(row.T)
         if row.prior == "gaussian":
-            values.update({f"kl_gap/prior/{label}": row.prior_bpd, f"kl_gap/diffusion/{label}": row.diffusion_bpd,
-                           f"kl_gap/bpd/{label}": row.total_bpd})
+            values.update({f"{BY_T}/prior/{label}": row.prior_bpd, f"{BY_T}/diffusion/{label}": row.diffusion_bpd,
+                           f"{BY_T}/bpd/{label}": row.total_bpd})
         else:
-            values.update({f"kl_gap/aux_prior/{label}": row.prior_bpd, f"kl_gap/aux_bpd/{label}": row.total_bpd})
+            values.update({f"{BY_T}/aux_prior/{label}": row.prior_bpd, f"{BY_T}/aux_bpd/{label}": row.total_bpd})
     return values
 
 
 def curves_figure(rows: list[Row], T_star: float, count: int, step: int = 0):
-    """Prior, diffusion and total bits/dim against T' with +-2 SE bars; auxiliary-prior points marked."""
+    """Every term against T' with +-2 SE bars, auxiliary-prior points marked: one figure.
+
+    Sized for a TensorBoard card (the image is shown about 400 px wide): few inches, large type,
+    and the legend below the axes, where it covers no curve.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,20 +245,25 @@ def curves_figure(rows: list[Row], T_star: float, count: int, step: int = 0):
 
     gaussian = [row for row in rows if row.prior == "gaussian"]
     T = [row.T for row in gaussian]
-    figure, axis = plt.subplots(figsize=(6, 4.2))  # large type: TensorBoard shows it card-sized
-    terms = (("prior", "prior (KL gap)", 1), ("diffusion", "diffusion", 1),
-             ("reconstruction", "- reconstruction", -1), ("total", "total = sum of the three", 1))
-    for name, label, sign in terms:
+    figure, axis = plt.subplots(figsize=(5.0, 4.6), dpi=100, layout="constrained")
+    terms = (("total", "total", 1, "k", 2.5), ("prior", "prior (KL gap)", 1, "C0", 1.8),
+             ("diffusion", "diffusion", 1, "C1", 1.8), ("reconstruction", "−reconstruction", -1, "C2", 1.8))
+    handles = []
+    for name, label, sign, color, width in terms:
         means = [sign * getattr(row, f"{name}_bpd") for row in gaussian]
         bars = [2 * getattr(row, f"{name}_se") for row in gaussian]
-        axis.errorbar(T, means, yerr=bars, marker="o", ms=3, capsize=2, label=label)
+        handles.append(axis.errorbar(T, means, yerr=bars, marker="o", ms=4, lw=width, capsize=2, color=color,
+                                     label=label))
+    handles.append(axis.axvline(T_star, color="grey", ls="--", lw=1.5, label=f"T* = {T_star:.3g}"))
     for row in rows:
         if row.prior != "gaussian":
-            axis.plot([row.T] * 2, [row.prior_bpd, row.total_bpd], "k*", ms=8, label=f"{row.prior} prior / total")
-    axis.axvline(T_star, color="grey", ls="--", lw=1, label=f"T* = {T_star:.3g}")
-    axis.set_xlabel("T'", fontsize=11)
-    axis.set_ylabel("bits/dim", fontsize=11)
-    axis.set_title(f"Truncated ELBO, {count} samples, step {step}", fontsize=11)
-    axis.legend(fontsize=9, loc="best", framealpha=0.8)
-    figure.tight_layout()
+            handles += axis.plot([row.T] * 2, [row.prior_bpd, row.total_bpd], "*", color="C3", ms=12,
+                                 label=f"{row.prior.removeprefix('aux:')}: prior, total")
+    axis.set_xlabel("T' (diffusion time of the evaluation)", fontsize=13)
+    axis.set_ylabel("bits/dim", fontsize=13)
+    axis.tick_params(labelsize=12)
+    axis.grid(alpha=0.3)
+    axis.set_title(f"total = prior + diffusion − reconstruction\nstep {step}, {count} data, ±2 SE", fontsize=12)
+    figure.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=11, frameon=False,
+                  columnspacing=1.0, handlelength=1.6)
     return figure

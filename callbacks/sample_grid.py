@@ -32,7 +32,9 @@ class SampleGrid(Callback):
         batch_size: generation batch per rank.
     """
 
-    hparam_metrics = ("samples/nfe",)
+    #: none in the HParams tab: the NFE follows from the sampler and its steps, which are hparams
+    #: there; ``samples/nfe`` is still logged with every grid
+    hparam_metrics: tuple[str, ...] = ()
 
     def __init__(self, every_n_steps: int = 1000, n: int = 64, nrow: int | None = None,
                  steps: int | None = None, seed: int = 0, batch_size: int = 64) -> None:

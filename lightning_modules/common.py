@@ -46,21 +46,38 @@ def _describe(record: dict[str, Any]) -> str:
     return f"{sde['class']}({params}) on data of shape {tuple(record['data_shape'])}"
 
 
-def without_epoch(logger: TensorBoardLogger) -> None:
-    """Drop the ``epoch`` scalar Lightning adds to every training log.
+def curated_keys(logger: TensorBoardLogger) -> None:
+    """Drop the ``epoch`` scalar Lightning adds to every training log; file LearningRateMonitor's
+    ``lr-<optimizer>`` under ``train/``.
 
-    Step-based runs have no use for it, and it was the first card TensorBoard's default view
-    opened. (Lightning adds it unless a ``step`` key is logged, and a logged ``step`` would also
-    rename the checkpoints ModelCheckpoint writes, so the key is filtered here instead.)
+    TensorBoard's default view (Time Series) sorts tag groups (the part before the first '/') by
+    name and opens the first two; with these keys they are ``samples`` and ``train``, the sample
+    grid and the loss. Step-based runs have no use for ``epoch`` (Lightning adds it unless a
+    ``step`` key is logged, and a logged ``step`` would also rename the checkpoints
+    ModelCheckpoint writes, so the key is filtered here instead), and ``lr-Adam`` would open as a
+    group of its own before ``samples``.
     """
-    if getattr(logger, "_drops_epoch", False):
+    if getattr(logger, "_curated_keys", False):
         return
     log_metrics = logger.log_metrics
 
     def filtered(metrics: dict[str, float], step: int | None = None) -> None:
-        log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+        log_metrics({(f"train/{k}" if k.startswith("lr-") else k): v for k, v in metrics.items() if k != "epoch"},
+                    step)
 
-    logger.log_metrics, logger._drops_epoch = filtered, True
+    logger.log_metrics, logger._curated_keys = filtered, True
+
+
+#: the HParams tab shows the first five metrics, after five hparam columns: the results a run
+#: is judged by come first, in this order; other registered metrics follow
+KEY_METRICS = ("val/bpd_elbo", "val/fid", "val_kl_gap/T_star", "val_kl_gap/bpd_star", "val/kl_prior_bpd",
+               "val/kl_prior_gaussian_bpd", "val/loss", "val/nll_bpd", "val/bpd_ode")
+
+
+def key_metrics_first(metrics: list[str]) -> list[str]:
+    """``metrics`` in :data:`KEY_METRICS` order, the others after in their own order."""
+    rank = {name: i for i, name in enumerate(KEY_METRICS)}
+    return sorted(metrics, key=lambda name: rank.get(name, len(rank)))
 
 
 class DiffusionSystem(LightningModule):
@@ -137,7 +154,7 @@ class DiffusionSystem(LightningModule):
         for callback in self.trainer.callbacks:
             metrics += [m for m in getattr(callback, "hparam_metrics", ()) if m not in metrics]
             layout.update(getattr(callback, "scalar_layout", {}) or {})
-        return metrics, layout
+        return key_metrics_first(metrics), layout
 
     def log_run_record(self) -> None:
         """Write :meth:`run_record`, its metrics and the custom-scalars layout to TensorBoard, once.
@@ -160,7 +177,7 @@ class DiffusionSystem(LightningModule):
             experiment.add_custom_scalars(layout)
         if isinstance(logger.hparams, dict):
             logger.hparams.update(record)  # hparams.yaml beside the events: the same record
-        without_epoch(logger)
+        curated_keys(logger)
         self._record_logged = True
 
     def on_fit_start(self) -> None:

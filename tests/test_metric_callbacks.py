@@ -196,11 +196,11 @@ def test_oracle_gaussian_prior_matches_closed_forms(tmp_path):
         assert abs(diffusion - oracle_diffusion(sde, t) / LN2D) < 4 * diffusion_se, (t, diffusion)
         total = float(row["total_bpd"])
         assert total == pytest.approx(prior + diffusion - metrics["val/bpd_reconstruction"], abs=1e-5)
-        assert metrics[f"kl_gap/prior/{label}"] == pytest.approx(prior, rel=1e-6)
-        assert metrics[f"kl_gap/bpd/{label}"] == pytest.approx(total, rel=1e-6)
+        assert metrics[f"val_kl_gap_by_T/prior/{label}"] == pytest.approx(prior, rel=1e-6)
+        assert metrics[f"val_kl_gap_by_T/bpd/{label}"] == pytest.approx(total, rel=1e-6)
     # the prior term at T is a closed form per datum: the same in both callbacks
-    assert metrics[f"kl_gap/prior/T={T:.3f}"] == pytest.approx(metrics["val/bpd_prior"], rel=1e-6)
-    assert metrics["kl_gap/T_star"] == pytest.approx(T)  # exact score: only the prior gap changes with T'
+    assert metrics[f"val_kl_gap_by_T/prior/T={T:.3f}"] == pytest.approx(metrics["val/bpd_prior"], rel=1e-6)
+    assert metrics["val_kl_gap/T_star"] == pytest.approx(T)  # exact score: only the prior gap changes with T'
 
     # ODE on the first 12 validation points: the oracle's drift Jacobian is diagonal, so one
     # Hutchinson probe is exact and only the solver tolerance remains
@@ -224,8 +224,8 @@ def test_oracle_auxiliary_prior_decomposition(tmp_path):
     prior, prior_se = float(aux[0]["prior_bpd"]), float(aux[0]["prior_se"])
     assert abs(prior - mutual_information(sde, sde.T) / LN2D) < 4 * prior_se, (prior, prior_se)
     label = f"T={sde.T:.3f}"
-    assert metrics[f"kl_gap/aux_prior/{label}"] == pytest.approx(prior, rel=1e-6)
-    assert metrics[f"kl_gap/aux_bpd/{label}"] < metrics[f"kl_gap/bpd/{label}"]  # by KL(q_T || N(0, I)) = 0.06 bpd
+    assert metrics[f"val_kl_gap_by_T/aux_prior/{label}"] == pytest.approx(prior, rel=1e-6)
+    assert metrics[f"val_kl_gap_by_T/aux_bpd/{label}"] < metrics[f"val_kl_gap_by_T/bpd/{label}"]  # by KL(q_T || N(0, I)) = 0.06 bpd
     x = datamodule.val_set.data[:8]
     exact = float(-data.at_time(sde, sde.eps).log_prob(x).mean() / LN2D)
     assert float(-ode_reference(sde, x, exact_prior=True).mean() / LN2D) == pytest.approx(exact, abs=1e-9)
@@ -241,7 +241,7 @@ def test_test_stage_logs_test_keys(tmp_path):
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     expected = (data.entropy() + marginal_kl(sde, sde.T) + decoder_gap(sde)) / LN2D
     assert abs(metrics["test/bpd_elbo"] - expected) < 4 * metrics["test/bpd_elbo_se"], (metrics, expected)
-    assert not any(key.startswith(("val/", "kl_gap/", "test/bpd_ode")) for key in metrics), metrics  # validation only
+    assert not any(key.startswith(("val/", "val_kl_gap", "test/bpd_ode")) for key in metrics), metrics  # validation only
 
 
 # ---------------------------------------------------------------------- invariances
@@ -364,7 +364,7 @@ FID = """    - class_path: callbacks.FID
 def test_fit_writes_every_key_to_tensorboard_and_csv(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    import train
+    from commands import cli as train
 
     has_fid = Path(__file__).resolve().parents[1].joinpath("callbacks", "fid.py").exists()
     (tmp_path / "extra.yaml").write_text(EXTRA.replace("FID\n", FID if has_fid else ""))
@@ -385,15 +385,15 @@ def test_fit_writes_every_key_to_tensorboard_and_csv(tmp_path):
     scalars = set(events.Tags()["scalars"])
     expected = {f"val/bpd_{name}" for name in ("elbo", "elbo_se", "elbo_mc_se", "prior", "prior_se", "diffusion",
                                                "diffusion_se", "reconstruction", "ode", "ode_se", "ode_nfe")}
-    expected |= {f"kl_gap/{part}/T={T}" for part in ("prior", "diffusion", "bpd") for T in ("0.500", "1.000")}
-    expected |= {"kl_gap/T_star", "kl_gap/bpd_star"} | ({"val/fid"} if has_fid else set())
+    expected |= {f"val_kl_gap_by_T/{part}/T={T}" for part in ("prior", "diffusion", "bpd") for T in ("0.500", "1.000")}
+    expected |= {"val_kl_gap/T_star", "val_kl_gap/bpd_star"} | ({"val/fid"} if has_fid else set())
     assert expected <= scalars, expected - scalars
     assert len(events.Scalars("val/bpd_elbo")) == 2  # both validations (steps 2 and 4)
     assert len(events.Scalars("val/bpd_ode")) == 1  # every second validation only
     checkpoint = torch.load(run / "checkpoints" / "epoch=0-step=4.ckpt", map_location="cpu", weights_only=True)
     states = {key: value for key, value in checkpoint["callbacks"].items() if key.startswith(("BitsPerDim", "KLGap"))}
     assert sorted(states.values(), key=str) == [{"validations": 2}] * 2  # interval state only, no metric tensors
-    assert "kl_gap/curves" in events.Tags()["images"]
+    assert "val_kl_gap/curves" in events.Tags()["images"]
     for step in (2, 4):
         rows = read_csv(run / "kl_gap" / f"step={step:08d}.csv")
         assert list(rows[0]) == ["T", "prior_bpd", "prior_se", "diffusion_bpd", "diffusion_se", "reconstruction_bpd",
@@ -415,5 +415,5 @@ def test_vae_prior_is_seeded_per_sample(tmp_path):
         module.prior = vae
         callbacks = [BitsPerDim(n_t=2, n_prior=2, ode=False), KLGap(T_grid=[0.3], max_samples=None, n_t=2, n_prior=2)]
         metrics = validate(module, datamodule, callbacks, tmp_path / str(eval_batch_size))
-        results.append((metrics["val/bpd_elbo"], metrics["val/bpd_prior"], metrics[f"kl_gap/aux_prior/T={sde.T:.3f}"]))
+        results.append((metrics["val/bpd_elbo"], metrics["val/bpd_prior"], metrics[f"val_kl_gap_by_T/aux_prior/T={sde.T:.3f}"]))
     assert results[0] == pytest.approx(results[1], rel=1e-9, abs=1e-9), results
