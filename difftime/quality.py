@@ -26,7 +26,7 @@ Pure torch: no Lightning, no data modules; callers hand in tensors.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -286,11 +286,13 @@ def precision_recall_jackknife(real: Tensor, fake: Tensor, k: int = 3, groups: i
     """Precision and recall with jackknife t-intervals that include the manifolds' own variability.
 
     The estimand is the expected precision (recall) at these set sizes and this k: the k-NN radii
-    depend on the set size, so no bias correction towards an infinite set is made.
+    depend on the set size, so no bias correction towards an infinite set is made. The intervals
+    are clipped to [0, 1]. They are conservative: k-NN statistics are not smooth, and the jackknife
+    overstates their spread (see ``benchmarks/results/quality_coverage.md``).
     """
     statistic = lambda x, y: torch.tensor(precision_recall(x, y, k), dtype=torch.float64)
-    precision, recall = jackknife(statistic, [real.double(), fake.double()], groups, level, seed, bias_correct=False)
-    return precision, recall
+    pair = jackknife(statistic, [real.double(), fake.double()], groups, level, seed, bias_correct=False)
+    return tuple(replace(iv, low=max(iv.low, 0.0), high=min(iv.high, 1.0)) for iv in pair)  # fractions
 
 
 def precision_recall_intervals(real: Tensor, fake: Tensor, k: int = 3, resamples: int = 200, level: float = 0.95,

@@ -196,3 +196,32 @@ def test_classifier_trains_caches_and_reloads(tmp_path):
     features = quality.extract_features(loaded.model, images[150:])
     assert features.shape == (50, 64)
     assert torch.equal(features, quality.extract_features(trained.model, images[150:]))
+
+
+def test_plateau_verdict_and_one_line_errors(tmp_path, capsys):
+    # benchmarks/plateau.py: the verdict compares the last doubling's change with the interval's
+    # half-width; bad arguments give one line and exit 2 before any work.
+    import pytest
+
+    from benchmarks import plateau
+
+    row = lambda step, fd, half: {"step": str(step), "fd": str(fd), "fd_low": str(fd - half), "fd_high": str(fd + half),
+                                  "kid": "1.0", "kid_low": "0.5", "kid_high": "1.5"}
+    text = plateau.verdict([row(1000, 50.0, 2.0), row(2000, 30.0, 2.0), row(4000, 29.0, 2.0)])
+    assert "step 2000 -> 29 at step 4000" in text[0] and "less than its interval (plateau)" in text[0]
+    text = plateau.verdict([row(1000, 50.0, 2.0), row(2000, 30.0, 2.0)])
+    assert "changed it by more than its interval" in text[0]
+    assert "no doubling" in plateau.verdict([row(1000, 50.0, 2.0)])[0]
+    unit = tmp_path / "units" / "score" / "T1"
+    (unit / "checkpoints").mkdir(parents=True)
+    (unit / "config.yaml").write_text("{}")
+    for name in ("step=00001000.ckpt", "step=00002000.ckpt", "last.ckpt"):
+        (unit / "checkpoints" / name).write_bytes(b"")
+    assert list(plateau.checkpoints(unit, [1000, 4000, 2000])) == [1000, 2000]
+    for argv, message in (([str(unit), "--n", "1"], "--n = 1 is invalid: allowed >= 2"),
+                          ([str(tmp_path), "--n", "5"], "is not a run folder"),
+                          ([str(unit), "--out", str(tmp_path / "report")], "which this script only reads")):
+        with pytest.raises(SystemExit) as exit_info:
+            plateau.parse_args(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1
