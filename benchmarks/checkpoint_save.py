@@ -13,22 +13,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO  # noqa: E402
-
-from callbacks.checkpoint_io import SafeCheckpointIO  # noqa: E402
-from difftime.checkpoints import load_verified, verify_checkpoint  # noqa: E402
-from difftime.networks import UNet  # noqa: E402
-from difftime.sde import VPSDE  # noqa: E402
-from lightning_modules import ScoreModule  # noqa: E402
+from callbacks.checkpoint_io import SafeCheckpointIO
+from difftime.checkpoints import load_verified, verify_checkpoint
+from difftime.networks import UNet
+from difftime.sde import VPSDE
+from lightning_modules import ScoreModule
 
 
 def training_state() -> dict:

@@ -12,27 +12,21 @@ Results: ``benchmarks/results/fitted_grid/pilot_seeds.txt``.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-
-import sampler_nfe as sn  # noqa: E402
-from difftime.grid_fit import grid_costs, refine_grid  # noqa: E402
-from difftime.samplers import DPMSolverPP  # noqa: E402
-from difftime.schedules import LogSNR  # noqa: E402
+from common import REFINE_SWEEPS, converged, make_case, oracle_at_T1, references
+from difftime.grid_fit import grid_costs, refine_grid
+from difftime.samplers import DPMSolverPP
+from difftime.schedules import LogSNR
 
 NFES = (8, 9, 10, 12)
 
 
 def main() -> None:
-    args, evaluator, floor, contender = sn.oracle_at_T1()
+    args, evaluator, floor, contender = oracle_at_T1()
     sde = contender.sde
-    case = sn.make_case(contender, args.reps * args.n, args.seed, 0)
-    sn.references(case, evaluator, args)
+    case = make_case(contender, args.reps * args.n, args.seed, 0)
+    references(case, evaluator, args)
     ref = case.refs["ode"]
     print("grid, pilot seed, size | DPM++2M+UniC at 8 9 10 12 NFE | DPM++2M at 8 9 10 12 NFE")
     for refined, seed, size in [(r, seed, size) for r in (False, True) for seed in (1, 2, 3, 4) for size in (64, 512)]:
@@ -45,10 +39,10 @@ def main() -> None:
                 if refined:
                     on = lambda schedule: DPMSolverPP(steps=nfe, corrector=corrector, schedule=schedule)  # noqa: E731
                     grid = refine_grid(costs, on, contender.score_fn, sde, {"dp": grid, "log_snr": LogSNR()}, nfe,
-                                       sweeps=sn.REFINE_SWEEPS).schedule
+                                       sweeps=REFINE_SWEEPS).schedule
                 sampler = DPMSolverPP(steps=nfe, order=2, corrector=corrector, schedule=grid)
                 m = evaluator(sampler(contender.score_fn, sde, case.x_T)[0])
-                cells.append(f"{nfe}:{'Y' if sn.converged(m, ref, floor) else '.'}"
+                cells.append(f"{nfe}:{'Y' if converged(m, ref, floor) else '.'}"
                              f"({m['logp'].mean - ref['logp'].mean:+.3f},{1e3 * (m['mmd2'].mean - ref['mmd2'].mean):+.2f})")
         print(f"{'refined' if refined else 'DP':7s} {seed} {size:4d} | " + " ".join(cells[:4]) + " | "
               + " ".join(cells[4:]), flush=True)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,17 +38,16 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import NETS, compare
+from difftime.data import ImageScaling
+from difftime.likelihood import elbo, ode_log_likelihood
+from difftime.losses import DSMLoss
+from difftime.networks import UNet
+from difftime.samplers import DPMSolverPP, HeunODE
+from difftime.score import make_score_fn
+from difftime.sde import VPSDE
 
-from difftime.data import ImageScaling  # noqa: E402
-from difftime.likelihood import elbo, ode_log_likelihood  # noqa: E402
-from difftime.losses import DSMLoss  # noqa: E402
-from difftime.networks import UNet  # noqa: E402
-from difftime.samplers import DPMSolverPP, HeunODE  # noqa: E402
-from difftime.score import make_score_fn  # noqa: E402
-from difftime.sde import VPSDE  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # nominal dense bf16/fp16 tensor-core peak (vendor datasheets, TFLOP/s, no sparsity)
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
@@ -159,14 +157,12 @@ def throughput_rows(args: argparse.Namespace, device: torch.device, net_args: di
 
 
 def lightning_rows(args: argparse.Namespace, device: torch.device, net_args: dict) -> list[Row]:
-    import train_throughput as tt
-
-    tt.NETS["gpu_check"] = net_args
+    NETS["gpu_check"] = net_args
     precision = "bf16-mixed" if device.type == "cuda" else "32-true"
     ns = argparse.Namespace(net="gpu_check", batch=args.batch, steps=args.steps, warmup=args.warmup, repeats=1,
                             device=str(device), precision=precision,
                             accelerator="gpu" if device.type == "cuda" else "cpu")
-    r = tt.compare(ns)
+    r = compare(ns)
     note = f"bare {r['bare']:.1f}, bare+EMA {r['bare+ema']:.1f}, Lightning {r['lightning']:.1f} images/s"
     return [row("lightning", f"{precision} Lightning / bare", f"{r['lightning'] / r['bare']:.3f}", "ratio", note),
             row("lightning", f"{precision} Lightning / bare+EMA", f"{r['lightning'] / r['bare+ema']:.3f}", "ratio", "")]

@@ -17,20 +17,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from callbacks.fid import RandomConvFeatures  # noqa: E402
-from difftime.data import bits_per_dim  # noqa: E402
-from difftime.likelihood import elbo, ode_log_likelihood  # noqa: E402
-from difftime.utils import PerSampleNoise  # noqa: E402
-from sample import build, load_weights  # noqa: E402
+from callbacks.fid import RandomConvFeatures
+from commands.runs import build, load_weights
+from difftime.data import bits_per_dim
+from difftime.likelihood import elbo, ode_log_likelihood
+from difftime.randomness import PerSampleNoise
 
 TARGET_SE = 0.01  # bits/dim
 
@@ -111,7 +107,7 @@ def main() -> None:
     args = parser.parse_args()
     if not Path(args.config).is_file():
         raise SystemExit(f"{args.config} not found: train the quickstart first (make quickstart)")
-    model, datamodule, _ = build(args.config)
+    model, datamodule = build(args.config)
     load_weights(model, args.ckpt_path or Path(args.config).parent / "checkpoints" / "last.ckpt")
     model.eval()
     scaling, images = datamodule.scaling, test_images(datamodule, args.images)

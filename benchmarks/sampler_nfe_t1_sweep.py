@@ -15,16 +15,10 @@ Results: ``benchmarks/results/sampler_nfe_t1_sweep.txt``.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-
-import sampler_nfe as sn  # noqa: E402
-from difftime.grid_fit import refine_grid  # noqa: E402
-from difftime.samplers import DPMSolverPP  # noqa: E402
-from difftime.schedules import KarrasRho, LogSNR, Tabulated  # noqa: E402
+from common import PILOT_N, REFINE_SWEEPS, converged, make_case, oracle_at_T1, references
+from difftime.grid_fit import refine_grid
+from difftime.samplers import DPMSolverPP
+from difftime.schedules import KarrasRho, LogSNR, Tabulated
 
 NFES = (6, 7, 8, 9, 10, 12)
 VARIANTS = {"2M": dict(order=2, corrector=False), "2M+UniC": dict(order=2, corrector=True),
@@ -33,20 +27,20 @@ VARIANTS = {"2M": dict(order=2, corrector=False), "2M+UniC": dict(order=2, corre
 
 
 def main() -> None:
-    args, evaluator, floor, contender = sn.oracle_at_T1()
+    args, evaluator, floor, contender = oracle_at_T1()
     sde = contender.sde
-    cases = [sn.make_case(contender, args.reps * args.n, args.seed, index) for index in (0, 1)]
+    cases = [make_case(contender, args.reps * args.n, args.seed, index) for index in (0, 1)]
     for case in cases:
-        sn.references(case, evaluator, args)
+        references(case, evaluator, args)
     costs = cases[0].fitted()
     refs = ", ".join(f"{c.refs['ode']['logp'].mean:.3f}" for c in cases)
     print(f"references E[log p] {refs}; MMD^2 floor "
-          f"(2 se) {floor * 1e3:.2f}e-3; fitted grids: {costs.nfe} NFE on {sn.PILOT_N} pilot samples, "
+          f"(2 se) {floor * 1e3:.2f}e-3; fitted grids: {costs.nfe} NFE on {PILOT_N} pilot samples, "
           f"{cases[0].fit_seconds:.1f} s")
     def refined(steps: int, options: dict) -> Tabulated:
         on = lambda schedule: DPMSolverPP(steps=steps, schedule=schedule, **options)  # noqa: E731
         return refine_grid(costs, on, contender.score_fn, sde, {"dp": costs.schedule(steps), "log_snr": LogSNR()},
-                           steps, sweeps=sn.REFINE_SWEEPS).schedule
+                           steps, sweeps=REFINE_SWEEPS).schedule
 
     grids = {"karras rho=5": lambda n, o: KarrasRho(5.0), "karras rho=7": lambda n, o: KarrasRho(7.0),
              "log_snr": lambda n, o: LogSNR(), "fitted": lambda n, o: costs.schedule(n), "refined": refined}
@@ -60,7 +54,7 @@ def main() -> None:
                 for case in cases:
                     x, info = sampler(contender.score_fn, sde, case.x_T)
                     m, ref = evaluator(x), case.refs["ode"]
-                    marks += "Y" if sn.converged(m, ref, floor) else "."
+                    marks += "Y" if converged(m, ref, floor) else "."
                     first = first or (m["logp"].mean - ref["logp"].mean, 1e3 * (m["mmd2"].mean - ref["mmd2"].mean))
                 cells.append(f"{info['nfe']}:{marks}({first[0]:+.3f},{first[1]:+.2f})")
             print(f"{grid_name + ' ' + name:30s} " + " ".join(cells), flush=True)

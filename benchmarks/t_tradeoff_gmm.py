@@ -81,226 +81,24 @@ E[log p] are the discriminating metrics. Wall times come from a shared CPU.
 from __future__ import annotations
 
 import argparse
-import csv
-import logging
 import math
 import statistics
-import sys
 import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import (SAMPLE_STREAM, Contender, Evaluator, Stat, build_setup, flatten_stats, fresh_sets, header, make_data,
+                    mixture_args, quiet, write_rows)
+from difftime.randomness import step_seed
+from difftime.samplers import euler_maruyama, heun_ode
+from difftime.sde import SDE, ScoreFn
 
-import lightning  # noqa: E402
-
-from datamodules.toy import ToyDataModule  # noqa: E402
-from difftime.aux_priors import NeuralSplinePrior, RealNVPPrior  # noqa: E402
-from difftime.losses import DSMLoss  # noqa: E402
-from difftime.networks import MLP  # noqa: E402
-from difftime.samplers import euler_maruyama, heun_ode  # noqa: E402
-from difftime.sde import SDE, VPSDE, ScoreFn  # noqa: E402
-from difftime.toy import GaussianMixture, Grid, RandomMixture, Ring  # noqa: E402
-from difftime.utils import step_seed  # noqa: E402
-from lightning_modules import AuxPriorModule, ScoreModule  # noqa: E402
-
-MODES: dict[str, dict] = {
-    "quick": dict(score_steps=2000, hidden=64, depth=3, flow_layers=4, flow_hidden=64, flow_steps=600,
-                  reps=3, n=2000, nfe=[10, 20, 50, 100], directions=128, mmd_n=1000),
-    "full": dict(score_steps=5000, hidden=128, depth=3, flow_layers=8, flow_hidden=64, flow_steps=2000,
-                 reps=5, n=5000, nfe=[10, 20, 50, 100, 200], directions=256, mmd_n=2000),
-}
 SAMPLERS = ("euler_maruyama", "heun_ode")
-_SAMPLE_STREAM, _REF_STREAM, _KL_STREAM, _INIT_STREAM = 1, 2, 3, 4
-
-
-# ---------------------------------------------------------------------- data
-def make_data(args: argparse.Namespace) -> GaussianMixture:
-    if args.data == "ring":
-        return Ring(n_modes=8, radius=1.0, std=args.std)
-    if args.data == "grid":
-        return Grid(n_per_side=4, spacing=0.7, std=args.std)
-    return RandomMixture(dim=2, n_components=6, seed=args.seed, spread=1.0, std_min=0.08, std_max=0.3)
-
-
-# ---------------------------------------------------------------------- metrics
-def sorted_projections(x: Tensor, directions: Tensor) -> Tensor:
-    """theta_l^T x_i sorted over i for each direction, ``[L, n]`` (rows are contiguous: fast sort)."""
-    return (directions @ x.double().T).sort(dim=1).values
-
-
-def sliced_w2(x: Tensor, y: Tensor, directions: Tensor) -> float:
-    """Sliced Wasserstein-2 (Rabin et al. 2011; Bonneel et al. 2015) between equal-size samples.
-
-    SW2^2 = mean over unit directions theta of W2^2(theta^T x, theta^T y); in 1-D the optimal
-    coupling of two n-point empirical measures pairs the sorted values.
-    """
-    return sliced_w2_sorted(sorted_projections(x, directions), sorted_projections(y, directions))
-
-
-def sliced_w2_sorted(px: Tensor, py: Tensor) -> float:
-    return float(((px - py) ** 2).mean().sqrt())
-
-
-def _kernel_sum(a: Tensor, b: Tensor, bandwidth: float) -> Tensor:
-    """sum_ij exp(-||a_i - b_j||^2 / (2 h^2)): squared distances by one matrix product, kernel values
-    in fp32 (relative error ~1e-5 at the bandwidth scale), summed in fp64."""
-    a, b = a.float(), b.float()
-    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-    return d2.clamp_(min=0.0).mul_(-0.5 / bandwidth**2).exp_().sum(dtype=torch.float64)
-
-
-def mmd2_unbiased(x: Tensor, y: Tensor, bandwidth: float, kyy: float | None = None) -> float:
-    """Unbiased MMD^2 with the Gaussian kernel (Gretton et al. 2012, JMLR, Eq. 3).
-
-    ``kyy``: the y-y term (:func:`mmd2_yy`) when y is a fixed reference set, computed once."""
-    x, y = x.double(), y.double()
-    n, m = x.shape[0], y.shape[0]
-    kxx = (_kernel_sum(x, x, bandwidth) - n) / (n * (n - 1))  # k(x, x) = 1 on the diagonal
-    kyy = mmd2_yy(y, bandwidth) if kyy is None else kyy
-    return float(kxx + kyy - 2.0 * _kernel_sum(x, y, bandwidth) / (n * m))
-
-
-def mmd2_yy(y: Tensor, bandwidth: float) -> float:
-    """The y-y term of :func:`mmd2_unbiased`: mean of k(y_i, y_j) over i != j."""
-    m = y.shape[0]
-    return float((_kernel_sum(y.double(), y.double(), bandwidth) - m) / (m * (m - 1)))
-
-
-@dataclass
-class Stat:
-    mean: float
-    se: float
-
-    def fmt(self, digits: int = 3) -> str:
-        if not math.isfinite(self.mean):
-            return "nan"
-        return f"{self.mean:.{digits}f}±{self.se:.{digits}f}"
-
-
-def stat(values: list[float]) -> Stat:
-    if len(values) < 2 or not all(math.isfinite(v) for v in values):
-        return Stat(statistics.fmean(values) if values else math.nan, math.nan)
-    return Stat(statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values)))
-
-
-@dataclass
-class Evaluator:
-    """Per-group metrics against fixed fresh data sets (the same for every configuration)."""
-
-    data: GaussianMixture
-    refs: list[Tensor]
-    directions: Tensor
-    bandwidth: float
-    mmd_n: int
-    sliced: bool = True  # also the sliced W2 (sampler_nfe.py's criterion does not use it)
-    _sorted_refs: list[Tensor] = field(init=False)
-    _kyy: list[float] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._sorted_refs = [sorted_projections(ref, self.directions) if self.sliced else ref for ref in self.refs]
-        self._kyy = [mmd2_yy(ref[: self.mmd_n], self.bandwidth) for ref in self.refs]
-
-    def __call__(self, samples: Tensor) -> dict[str, Stat | int]:
-        groups = samples.reshape(len(self.refs), -1, samples.shape[-1])
-        finite = torch.isfinite(groups).all(-1)
-        out: dict[str, list[float]] = {"logp": [], "sw2": [], "mmd2": []} if self.sliced else {"logp": [], "mmd2": []}
-        for x, ref, sorted_ref, kyy, ok in zip(groups, self.refs, self._sorted_refs, self._kyy, finite):
-            if not bool(ok.all()):
-                for values in out.values():
-                    values.append(math.nan)
-                continue
-            out["logp"].append(float(self.data.log_prob(x).mean()))
-            if self.sliced:
-                out["sw2"].append(sliced_w2_sorted(sorted_projections(x, self.directions), sorted_ref))
-            out["mmd2"].append(mmd2_unbiased(x[: self.mmd_n], ref[: self.mmd_n], self.bandwidth, kyy))
-        return {**{k: stat(v) for k, v in out.items()}, "nonfinite": int((~finite).sum())}
-
-
-# ---------------------------------------------------------------------- training
-def _quiet() -> None:
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*torch.lu.*", ".*GPU available.*",
-                    ".*TPU available.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-
-
-def fit(module: lightning.LightningModule, datamodule: ToyDataModule, steps: int, clip: float) -> float:
-    """Train for ``steps`` optimizer steps without validation; returns the wall time in seconds."""
-    trainer = lightning.Trainer(accelerator="cpu", devices=1, max_steps=steps, precision="32-true",
-                                gradient_clip_val=clip, logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                                use_distributed_sampler=False, num_sanity_val_steps=0)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule)
-    return time.perf_counter() - start
-
-
-def datamodule(data: GaussianMixture, batch_size: int, seed: int) -> ToyDataModule:
-    # 10^5 training points: with fresh noise every step this is close to training on fresh data
-    return ToyDataModule(data, n_train=100_000, n_val=batch_size, n_test=batch_size, batch_size=batch_size, seed=seed)
-
-
-def train_score(data: GaussianMixture, T: float, args: argparse.Namespace) -> tuple[ScoreModule, float]:
-    torch.manual_seed(step_seed(args.seed, _INIT_STREAM, int(round(T * 1000))))
-    net = MLP(dim=2, hidden=args.hidden, depth=args.depth)
-    module = ScoreModule(net, VPSDE(T=T, eps=args.eps), data_shape=(2,), loss=DSMLoss("noise"),
-                         optimizer=lambda p: torch.optim.Adam(p, lr=args.lr), ema_decay=args.ema_decay,
-                         seed=args.seed)
-    seconds = fit(module, datamodule(data, args.batch, args.seed), args.score_steps, clip=1.0)
-    return module.eval(), seconds
-
-
-def train_flow(data: GaussianMixture, T: float, args: argparse.Namespace) -> tuple[nn.Module, float]:
-    torch.manual_seed(step_seed(args.seed, _INIT_STREAM, 10_000 + int(round(T * 1000))))
-    cls = RealNVPPrior if args.flow == "realnvp" else NeuralSplinePrior
-    prior = cls(dim=2, layers=args.flow_layers, hidden=args.flow_hidden)
-    module = AuxPriorModule(prior, VPSDE(T=T, eps=args.eps), data_shape=(2,),
-                            optimizer=lambda p: torch.optim.Adam(p, lr=args.lr), seed=args.seed)
-    seconds = fit(module, datamodule(data, args.flow_batch, args.seed), args.flow_steps, clip=50.0)
-    return module.prior.eval().requires_grad_(False), seconds
-
-
-def num_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-# ---------------------------------------------------------------------- costs
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
-
-
-@torch.no_grad()
-def kl_from_exact(q_T: GaussianMixture, prior: nn.Module, n: int, seed: int) -> Stat:
-    """KL(q_T || prior) = E_{q_T}[log q_T(x) - log prior(x)] by Monte Carlo with exact q_T samples."""
-    x = q_T.sample(n, torch.Generator().manual_seed(seed))
-    diff = (q_T.log_prob(x) - prior.log_prob(x).double()).tolist()
-    return Stat(statistics.fmean(diff), statistics.stdev(diff) / math.sqrt(n))
 
 
 # ---------------------------------------------------------------------- one configuration
-@dataclass
-class Contender:
-    score: str  # "oracle" or "trained"
-    T: float
-    prior_name: str  # "gaussian", "flow" or "exact"
-    prior: nn.Module
-    sde: SDE
-    score_fn: ScoreFn
-
-
 def run_sampler(name: str, score_fn: ScoreFn, sde: SDE, x_T: Tensor, nfe: int,
                 generator: torch.Generator) -> tuple[Tensor, int]:
     if name == "euler_maruyama":
@@ -313,7 +111,7 @@ def run_sampler(name: str, score_fn: ScoreFn, sde: SDE, x_T: Tensor, nfe: int,
 def evaluate(c: Contender, sampler: str, nfe: int, index: int, evaluator: Evaluator,
              args: argparse.Namespace) -> dict:
     total = args.reps * args.n
-    generator = torch.Generator().manual_seed(step_seed(args.seed, _SAMPLE_STREAM, index))
+    generator = torch.Generator().manual_seed(step_seed(args.seed, SAMPLE_STREAM, index))
     start = time.perf_counter()
     with torch.no_grad():
         x_T = c.prior.sample(total, generator).float()
@@ -402,87 +200,6 @@ def nfe_to_match(rows: list[dict], nfes: list[int], score: str, metric: str) -> 
     return lines
 
 
-# ---------------------------------------------------------------------- main
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=sorted(MODES), default="quick")
-    parser.add_argument("--quick", action="store_const", const="quick", dest="mode", help="same as --mode quick")
-    parser.add_argument("--data", choices=["ring", "grid", "random"], default="ring")
-    parser.add_argument("--std", type=float, default=0.1, help="component std of ring/grid")
-    parser.add_argument("--short-T", type=float, nargs="+", default=[0.2, 0.4, 0.6])
-    parser.add_argument("--eps", type=float, default=1e-3)
-    parser.add_argument("--flow", choices=["realnvp", "nsf"], default="realnvp")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--ema-decay", type=float, default=0.995)
-    parser.add_argument("--batch", type=int, default=256, help="score training batch")
-    parser.add_argument("--flow-batch", type=int, default=1024)
-    parser.add_argument("--mmd-bandwidth", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "t_tradeoff_gmm.csv"))
-    for key, value in MODES["quick"].items():  # every mode setting can be overridden
-        kind = type(value[0]) if isinstance(value, list) else type(value)
-        parser.add_argument(f"--{key.replace('_', '-')}", type=kind, nargs="+" if isinstance(value, list) else None,
-                            default=None)
-    args = parser.parse_args()
-    for key, value in MODES[args.mode].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if any(k % 2 for k in args.nfe):
-        parser.error("--nfe values must be even (Heun uses 2 evaluations per step)")
-    return args
-
-
-@dataclass
-class Setup:
-    contenders: list[Contender] = field(default_factory=list)
-    costs: list[dict] = field(default_factory=list)
-
-
-def oracle_score_fn(data: GaussianMixture, sde: SDE) -> ScoreFn:
-    """Exact score of the diffused mixture, grad log q_t(x)."""
-    return lambda x, t: data.marginal_score(x, *sde.marginal_coeffs(t.double()))
-
-
-def score_costs(data: GaussianMixture, sde: SDE, module: ScoreModule, seed: int) -> dict:
-    """Time of one evaluation on 1000 samples (MLP and oracle) and KL(q_T || N(0, I))."""
-    probe = data.sample(1000, torch.Generator().manual_seed(step_seed(seed, _KL_STREAM)))
-    t = torch.full((1000,), 0.5 * sde.T)
-    trained, oracle = module.score_fn(), oracle_score_fn(data, sde)
-    kl = kl_from_exact(data.at_time(sde, sde.T), sde.prior((2,)), 20000, step_seed(seed, _KL_STREAM, 1))
-    return {"score_params": num_params(module.net), "kl_gaussian": kl,
-            "score_eval_ms_per_1k": median_ms(lambda: trained(probe, t), 20),
-            "oracle_eval_ms_per_1k": median_ms(lambda: oracle(probe, t), 20)}
-
-
-def flow_costs(flow: nn.Module, q_T: GaussianMixture, seed: int) -> dict:
-    with torch.no_grad():
-        draw_ms = median_ms(lambda: flow.sample(1000), 10)
-    return {"flow_params": num_params(flow), "flow_draw_ms_per_1k": draw_ms,
-            "kl_flow": kl_from_exact(q_T, flow, 20000, step_seed(seed, _KL_STREAM, 2))}
-
-
-def build(data: GaussianMixture, args: argparse.Namespace) -> Setup:
-    """Train one score network per T and one flow per short T; collect contenders and costs."""
-    setup = Setup()
-    for T in [1.0] + list(args.short_T):
-        sde = VPSDE(T=T, eps=args.eps)
-        q_T = data.at_time(sde, T)
-        module, score_s = train_score(data, T, args)
-        cost = {"T": T, "score_train_s": score_s, **score_costs(data, sde, module, args.seed)}
-        priors = {"gaussian": sde.prior((2,)), "exact": q_T}
-        if T < 1.0:
-            priors["flow"], flow_s = train_flow(data, T, args)
-            cost.update(flow_train_s=flow_s, **flow_costs(priors["flow"], q_T, args.seed))
-        setup.costs.append(cost)
-        print(f"# trained T={T:g}: score {score_s:.1f} s" + (f", flow {cost['flow_train_s']:.1f} s" if T < 1 else ""),
-              flush=True)
-        for name, prior in priors.items():
-            setup.contenders.append(Contender("oracle", T, name, prior, sde, oracle_score_fn(data, sde)))
-            setup.contenders.append(Contender("trained", T, name, prior, sde, module.score_fn()))
-    return setup
-
-
 def cost_table(costs: list[dict]) -> list[str]:
     lines = ["| T | KL(q_T‖N(0,I)) nats | KL(q_T‖flow) nats | score net params | score train s | "
              "1 NFE ms/1k (MLP) | 1 NFE ms/1k (oracle) | flow params | flow train s | flow draw ms/1k | "
@@ -497,57 +214,26 @@ def cost_table(costs: list[dict]) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------- main
 def write_csv(path: Path, rows: list[dict], costs: list[dict], args: argparse.Namespace) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = []
     by_T = {c["T"]: c for c in costs}
     for r in rows:
-        row, c = _flatten_stats(r), by_T.get(r["T"], {})
+        row, c = flatten_stats(r), by_T.get(r["T"], {})
         row.update(steps={"euler_maruyama": r["nfe"], "heun_ode": r["nfe"] // 2}.get(r["sampler"], ""),
                    reps=args.reps, n=args.n, data=args.data, flow=args.flow if r["prior"] == "flow" else "",
                    score_steps=args.score_steps, score_train_s=c.get("score_train_s", ""),
                    flow_train_s=c.get("flow_train_s", "") if r["prior"] == "flow" else "")
         flat.append(row)
-    _write_rows(path, flat)
-    _write_rows(path.with_name(f"{path.stem}_costs{path.suffix}"), [_flatten_stats(c) for c in costs])
-
-
-def _flatten_stats(row: dict) -> dict:
-    out = {}
-    for k, v in row.items():
-        if isinstance(v, Stat):
-            out[f"{k}_mean"], out[f"{k}_se"] = v.mean, v.se
-        else:
-            out[k] = v
-    return out
-
-
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def fresh_sets(data: GaussianMixture, args: argparse.Namespace, offset: int) -> list[Tensor]:
-    """``reps`` independent data sets of ``n`` samples (reference sets, or the data-vs-data floor)."""
-    return [data.sample(args.n, torch.Generator().manual_seed(step_seed(args.seed, _REF_STREAM, offset + r)))
-            for r in range(args.reps)]
-
-
-def header(args: argparse.Namespace) -> str:
-    return (f"# data {args.data} (std {args.std}), VP SDE eps={args.eps}; score MLP {args.hidden}x{args.depth}, "
-            f"{args.score_steps} steps x batch {args.batch}, Adam {args.lr}, EMA {args.ema_decay}; flow {args.flow} "
-            f"{args.flow_layers}x{args.flow_hidden}, {args.flow_steps} steps x batch {args.flow_batch}; "
-            f"{args.reps} x {args.n} samples; MMD h={args.mmd_bandwidth} on {min(args.mmd_n, args.n)}; "
-            f"SW2 {args.directions} dirs; {torch.get_num_threads()} thread(s)")
+    write_rows(path, flat)
+    write_rows(path.with_name(f"{path.stem}_costs{path.suffix}"), [flatten_stats(c) for c in costs])
 
 
 def main() -> None:
-    args = parse_args()
+    args = mixture_args(description=__doc__)
     torch.set_num_threads(args.threads)
-    _quiet()
+    quiet()
     start = time.perf_counter()
     data = make_data(args)
     dirs = torch.randn(args.directions, 2, generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
@@ -555,7 +241,7 @@ def main() -> None:
                           args.mmd_bandwidth, args.mmd_n)
     print(header(args), flush=True)
     floor = evaluator(torch.cat(fresh_sets(data, args, offset=1000)))
-    setup = build(data, args)
+    setup = build_setup(data, args)
     rows, index = [], 0
     for c in setup.contenders:
         for sampler in SAMPLERS:
