@@ -16,7 +16,7 @@ import sys
 
 from commands.study.check import check_device, check_fit_configs, load_spec
 from commands.study.estimates import Rates, estimate
-from commands.study.executors import command, run_local, run_task, submit_slurm, write_task_list
+from commands.study.executors import announce, command, run_local, run_task, submit_slurm, write_task_list
 from commands.study.plan import STAGES, Plan, Unit, make_plan
 from commands.study.records import OutputError, record_problem, status
 from commands.study.spec import SpecError
@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> Plan:
     if args.run_unit:
         if args.run_unit not in plan.units:
             raise SpecError("--run-unit", f"no unit {args.run_unit} in this study")
-        run_unit(plan, plan.units[args.run_unit])
+        unit = plan.units[args.run_unit]
+        announce(unit, status(unit))
+        run_unit(plan, unit)
     elif args.task_list:
         print(write_task_list(plan, args.task_list))
     elif args.task:

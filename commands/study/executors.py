@@ -23,16 +23,20 @@ def command(plan: Plan, unit: Unit) -> list[str]:
     return [sys.executable, "-m", "commands.study", "--config", str(plan.spec_path), "--run-unit", unit.id]
 
 
+def announce(unit: Unit, state: str) -> None:
+    """One line on stderr: the unit that runs now, and why again when its recorded outputs do not verify."""
+    why = f" ({record_problem(unit)}; running it again)" if state == "invalid" else ""
+    say(f"running {unit.id}{why}")
+
+
 def run_local(plan: Plan, stages: tuple[str, ...]) -> None:
     """Run every unit that is not done, stage by stage, one after the other."""
     for stage in stages:
         for unit in plan.stage(stage):
             state = status(unit)
-            if state == "done":
-                continue
-            why = f" ({record_problem(unit)}; running it again)" if state == "invalid" else ""
-            say(f"running {unit.id}{why}")
-            run_unit(plan, unit)
+            if state != "done":
+                announce(unit, state)
+                run_unit(plan, unit)
 
 
 def write_task_list(plan: Plan, stage: str) -> int:
@@ -48,7 +52,9 @@ def run_task(plan: Plan, stage: str, index: int) -> None:
     """One SLURM array task: the ``index``-th pinned unit of ``stage``, unless it is done by now."""
     units = (plan.out / "slurm" / f"{stage}.units").read_text().split()
     unit = plan.units[units[index]]
-    if status(unit) != "done":
+    state = status(unit)
+    if state != "done":
+        announce(unit, state)
         run_unit(plan, unit)
 
 

@@ -50,10 +50,10 @@ def subprocess_env() -> dict[str, str]:
 def run_unit(plan: Plan, unit: Unit) -> None:
     """Run one unit to completion (what a local step and a SLURM array task both do)."""
     for dep in unit.deps:
-        if status(plan.units[dep]) != "done":
-            raise UnitError(f"unit {unit.id} needs {dep}, which is not done ({record_problem(plan.units[dep])})")
-    if status(unit) == "invalid":
-        say(f"{unit.id}: {record_problem(unit)}; running it again")
+        state = status(plan.units[dep])
+        if state != "done":
+            why = f" ({record_problem(plan.units[dep])})" if state == "invalid" else ""
+            raise UnitError(f"unit {unit.id} needs {dep}, which is {'not done' if state == 'to do' else state}{why}")
     unit.folder.mkdir(parents=True, exist_ok=True)
     _log_executed(plan, unit)
     if unit.kind == "report":
