@@ -12,7 +12,8 @@ precision/recall, all from :func:`difftime.quality.quality_row`, the row the stu
 It appends one row per step to ``<out>/<unit>.csv`` (resumable: a step already measured with the
 same sampler, steps, n and seed is skipped), draws ``<out>/<unit>.png`` (FD and KID against
 training step, with interval bars) and writes ``<out>/<unit>.md``, which states whether the last
-doubling of the training steps changed FD and KID by less than their intervals' half-widths.
+doubling of the training steps changed FD and KID by less than their intervals' half-widths
+(the `.md` and `.png` show the rows of the sampler setting of the latest invocation; the CSV keeps all).
 
 The run folder is only read: nothing is written under it (``--out`` inside it is refused).
 
@@ -42,24 +43,17 @@ KEY = ("step", "sampler", "sampler_steps", "n_samples", "seed")
 
 
 def load_run(ckpt: Path, config: Path) -> tuple[Any, Any]:
-    """The model of one checkpoint and its datamodule (``commands.runs.load_run``, else ``sample.load_run``)."""
-    try:
-        from commands.runs import load_run as loader
-    except ImportError:
-        from sample import load_run as loader
+    """The model of one checkpoint and its datamodule (the project's loader, which verifies the weights)."""
+    from commands.runs import load_run as loader
+
     return loader(ckpt, config=config)
 
 
 def generate(model: Any, sampler: Any, n: int, batch: int, seed: int, steps: int | None) -> tuple[torch.Tensor, list]:
-    """n samples, sample i from seed ``seed + i`` (``commands.sampling.generate``, else the same loop here)."""
-    try:
-        from commands.sampling import generate as gen
-        return gen(model, sampler, n, batch, seed, steps)
-    except ImportError:
-        from difftime.utils import generate_indexed
-        fn = lambda k, g: model.sample(k, generator=g, sampler=sampler, steps=steps)
-        chunks, infos = generate_indexed(fn, range(n), seed, batch)
-        return torch.cat(chunks), infos
+    """n samples, sample i from the seed ``seed + i`` (the noise does not depend on the batch size)."""
+    from commands.sampling import generate as gen
+
+    return gen(model, sampler, n, batch, seed, steps)
 
 
 # ---------------------------------------------------------------------- arguments
