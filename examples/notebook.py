@@ -11,7 +11,8 @@ import sys
 
 import torch
 
-import sample
+from commands.runs import load_run
+from commands.sampling import real_images
 from difftime.render import render
 from difftime.samplers import DPMSolverPP
 
@@ -19,11 +20,11 @@ CKPT = sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart/default/checkpoint
 OUT = sys.argv[2] if len(sys.argv) > 2 else "notebook_samples.png"
 
 # %% The five lines (prior="gaussian" or an auxiliary-prior checkpoint, eval_T=0.4 to truncate)
-model, data = sample.load_run(CKPT)
+model, data = load_run(CKPT)
 x, info = model.sample(16, generator=torch.Generator().manual_seed(0), sampler=DPMSolverPP(steps=10))
 images = model.to_images(x)  # uint8 [16, C, H, W]: sample() returns model-space values
 render(images, nrow=4, caption=f"{info['sampler']} | NFE {info['nfe']} | prior {info['prior']}").save(OUT)
-bpd = model.bits_per_dim(sample.real_images(data, 8), generator=torch.Generator().manual_seed(0))
+bpd = model.bits_per_dim(real_images(data, 8), generator=torch.Generator().manual_seed(0))
 
 # %% In a notebook, show the grid with IPython.display.Image(OUT)
 print(f"wrote {OUT}: {len(images)} samples, {info['sampler']}, NFE {info['nfe']}, prior {info['prior']}")

@@ -282,7 +282,7 @@ def small_data(name: str) -> list[str]:
 
 @pytest.mark.parametrize("name", OFFLINE)
 def test_offline_aux_configs_run_fast_dev_run(name, tmp_path, monkeypatch):
-    import train
+    from commands import cli as train
 
     monkeypatch.chdir(tmp_path)
     cli = train.main(args=["fit", "--config", str(ROOT / "configs/aux" / name), *FAST, *small_data(name)])
@@ -294,7 +294,7 @@ def test_offline_aux_configs_run_fast_dev_run(name, tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", sorted(set(AUX_CONFIGS) - set(OFFLINE)))
 def test_download_aux_configs_instantiate(name, tmp_path, monkeypatch):
     """MNIST/CIFAR-10 files are not here: the configs are parsed and their classes built."""
-    import train
+    from commands import cli as train
 
     monkeypatch.chdir(tmp_path)
     cli = train.main(args=["--config", str(ROOT / "configs/aux" / name), "--trainer.accelerator", "cpu",
@@ -305,7 +305,7 @@ def test_download_aux_configs_instantiate(name, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("T_file", ["0.2.yaml", "0.4.yaml", "0.6.yaml"])
 def test_one_override_file_sets_T_for_both_stages(T_file, tmp_path, monkeypatch):
-    import train
+    from commands import cli as train
 
     monkeypatch.chdir(tmp_path)
     value = float(T_file[:-5])

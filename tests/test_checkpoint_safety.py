@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from difftime.checkpoints import RunLock, find_resume_checkpoint, verify_checkpoint
+from commands.run_lock import RunFolderLock as RunLock
+from difftime.checkpoints import find_resume_checkpoint, verify_checkpoint
 from test_fault_tolerance import TOY, small_checkpoint, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +26,7 @@ EVERY_STEP = ["--trainer.callbacks.init_args.every_n_train_steps=1", "--trainer.
 
 def fit(tmp_path: Path, monkeypatch, *extra: str, max_steps: int = 2):
     """In-process ``train.py fit`` of the 2-D toy config in ``tmp_path``; returns the CLI."""
-    import train
+    from commands import cli as train
 
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, TOY, max_steps=max_steps)
@@ -73,7 +74,7 @@ def test_a_zip_that_weights_only_refuses_is_skipped_as_corrupt(tmp_path):
 
 def test_explicit_corrupt_ckpt_path_falls_back_to_the_checkpoint_before_it(tmp_path, monkeypatch, capsys):
     """Defect 5: it fell back to the newest valid checkpoint of the folder (here a newer one)."""
-    import train
+    from commands import cli as train
 
     fit(tmp_path, monkeypatch, max_steps=3)
     folder = ckpt_dir(tmp_path)

@@ -40,7 +40,7 @@ def data_overrides(name: str, tmp_path: Path, monkeypatch) -> list[str]:
 
 @pytest.mark.parametrize("name", TOP_CONFIGS)
 def test_every_config_runs_fast_dev_run(name, tmp_path, monkeypatch):
-    import train
+    from commands import cli as train
 
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--config", str(ROOT / "configs" / name), "--trainer.fast_dev_run", "true",
@@ -53,7 +53,7 @@ def test_every_config_runs_fast_dev_run(name, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("T", ["0.2", "0.4", "0.6", "1.0"])
 def test_T_is_selected_by_one_override(T):
-    import train
+    from commands import cli as train
 
     cli = train.main(args=["--config", str(ROOT / "configs/quickstart.yaml"),
                            "--config", str(ROOT / f"configs/T/{T}.yaml")], run=False)
@@ -62,7 +62,7 @@ def test_T_is_selected_by_one_override(T):
 
 def cli_error(args: list[str], capsys, tmp_path, monkeypatch) -> tuple[int, str]:
     """Run the CLI in-process and return (exit code, stderr); it must exit before any work."""
-    import train
+    from commands import cli as train
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stop:
@@ -114,7 +114,7 @@ def test_core_never_imports_lightning():
 
 def test_short_quickstart_run_writes_loss_curve_and_sample_image(tmp_path, monkeypatch):
     """The quickstart config for a few steps: TensorBoard holds train/loss, val/loss and a grid."""
-    import train
+    from commands import cli as train
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.chdir(tmp_path)
@@ -137,7 +137,7 @@ def test_predict_writes_the_same_samples_for_any_batch_size(tmp_path, monkeypatc
     """``train.py predict`` after a short fit: sample i comes from seed + i, whatever the batch."""
     import numpy as np
 
-    import train
+    from commands import cli as train
 
     monkeypatch.chdir(tmp_path)
     config = ["--config", str(ROOT / "configs/digits8x8.yaml"), *FAST]
@@ -159,7 +159,7 @@ def test_predict_writes_the_same_samples_for_any_batch_size(tmp_path, monkeypatc
 
 def test_fit_help_starts_with_the_configs_and_the_model_help(capsys):
     """``fit --help`` says where to start before the option list (it was 490 lines of options)."""
-    import train
+    from commands import cli as train
 
     with pytest.raises(SystemExit):
         train.main(args=["fit", "--help"])

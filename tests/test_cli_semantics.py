@@ -20,7 +20,7 @@ EVAL = ["--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false"]
 
 
 def fit(tmp_path: Path, monkeypatch, *extra: str, max_steps: int = 2):
-    import train
+    from commands import cli as train
 
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, TOY, max_steps=max_steps)
@@ -33,7 +33,7 @@ def run_dir(tmp_path: Path) -> Path:
 
 def fails(args: list[str], capsys) -> tuple[int, str]:
     """The CLI exits (before any work) with a status and a one-line message on stderr."""
-    import train
+    from commands import cli as train
 
     with pytest.raises(SystemExit) as stop:
         train.main(args=args)
@@ -56,7 +56,7 @@ def test_command_line_that_contradicts_the_checkpoint_is_an_error(tmp_path, monk
 
 def test_evaluation_settings_come_from_the_command_line(tmp_path, monkeypatch):
     """Defect 1: ``validate ... --model.init_args.sampler.init_args.steps 4`` used the checkpoint's steps."""
-    import train
+    from commands import cli as train
 
     fit(tmp_path, monkeypatch, "--model.init_args.sampler=difftime.samplers.EulerMaruyama",
         "--model.init_args.sampler.init_args.steps=7")
@@ -85,7 +85,7 @@ def test_nothing_named_in_a_checkpoint_is_imported(tmp_path, monkeypatch, capsys
 def test_training_config_is_kept_and_evaluations_write_their_own(tmp_path, monkeypatch):
     """Defect 2: validate/predict and a resumed fit overwrote the run's config.yaml, added
     event files to the training run, and evaluated at step 0."""
-    import train
+    from commands import cli as train
 
     fit(tmp_path, monkeypatch)
     run = run_dir(tmp_path)
@@ -124,7 +124,7 @@ def test_training_config_is_kept_and_evaluations_write_their_own(tmp_path, monke
 def test_bad_values_fail_before_any_work_with_the_full_key(override, key, tmp_path, monkeypatch, capsys):
     """Defect 9: these failed after DDP started (two rank tracebacks), at the first step or at the
     first validation; VE accepted T = 5 (prior std 3e16)."""
-    import train
+    from commands import cli as train
 
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, TOY, max_steps=2)
@@ -146,7 +146,7 @@ def test_unwritable_checkpoint_folder_fails_before_any_work(tmp_path, monkeypatc
 # ---------------------------------------------------------------------- defect 10
 def test_stop_after_consecutive_faults_says_why_and_exits_non_zero(tmp_path, monkeypatch, capsys):
     """Defect 10: the stop after max_consecutive_skips was silent and exited 0."""
-    import train
+    from commands import cli as train
 
     with pytest.raises(SystemExit) as stop:
         fit(tmp_path, monkeypatch, "--model.init_args.net=fault_helpers.NaNFromMLP",

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-import sample
+from commands.runs import load_run
+from commands.sampling import real_images
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -18,7 +19,7 @@ FAST = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summar
 
 
 def test_notebook_runs_on_a_tiny_checkpoint(tmp_path, monkeypatch):
-    import train
+    from commands import cli as train
 
     monkeypatch.chdir(tmp_path)
     train.main(["fit", "--config", str(ROOT / "configs/digits8x8.yaml"), *FAST])
@@ -30,6 +31,6 @@ def test_notebook_runs_on_a_tiny_checkpoint(tmp_path, monkeypatch):
     assert result.returncode == 0, result.stderr[-2000:]
     assert out.is_file() and "NFE 10" in result.stdout and "bits/dim on 8 test images" in result.stdout
     # the script's bits/dim are the library's on the same images and seed
-    model, data = sample.load_run(ckpt)
-    bpd = model.bits_per_dim(sample.real_images(data, 8), generator=torch.Generator().manual_seed(0))
+    model, data = load_run(ckpt)
+    bpd = model.bits_per_dim(real_images(data, 8), generator=torch.Generator().manual_seed(0))
     assert f"{bpd.mean():.3f}" in result.stdout

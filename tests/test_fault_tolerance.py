@@ -280,7 +280,7 @@ def test_resume_never_rolls_back_to_an_older_checkpoint(tmp_path):
 
 
 def test_cli_resume_skips_a_corrupted_newest_checkpoint(tmp_path, monkeypatch, capsys):
-    import train
+    from commands import cli as train
 
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, TOY, max_steps=4)
@@ -394,7 +394,7 @@ def test_bf16_mixed_fit_keeps_fp32_weights_and_ema(tmp_path):
 
 def test_resuming_a_run_with_another_T_is_refused(tmp_path, monkeypatch, capsys):
     """Refused before any work (issue 10: no longer at fit start), naming the key and both values."""
-    import train
+    from commands import cli as train
 
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, TOY, max_steps=2)

@@ -55,7 +55,7 @@ def test_sampler_callback_drives_one_bar_over_every_batch():
 
 
 def test_fit_outside_a_terminal_prints_progress_lines_not_carriage_returns(tmp_path, monkeypatch, capfd):
-    import train
+    from commands import cli as train
 
     monkeypatch.chdir(tmp_path)
     train.main(args=["fit", *TOY])
@@ -69,7 +69,7 @@ def test_fit_outside_a_terminal_prints_progress_lines_not_carriage_returns(tmp_p
 
 
 def test_enable_progress_bar_false_prints_no_progress(tmp_path, monkeypatch, capfd):
-    import train
+    from commands import cli as train
 
     monkeypatch.chdir(tmp_path)
     train.main(args=["fit", *TOY, "--trainer.enable_progress_bar", "false"])

@@ -15,7 +15,8 @@ import pytest
 import torch
 import torchvision
 
-import sample
+from commands import runs as runs_module
+from commands import sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -92,7 +93,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def runs(tmp_path_factory):
     """Three tiny runs made by train.py in a scratch folder: an auxiliary RealNVP prior from
     configs/aux at T = 0.4, a toy score model using it, and a digits U-Net with the Gaussian prior."""
-    import train
+    from commands import cli as train
 
     root, cwd = tmp_path_factory.mktemp("runs"), Path.cwd()
     try:
@@ -112,7 +113,7 @@ def runs(tmp_path_factory):
 
 
 def run_sample(run_dir: Path, out: Path, *args: str) -> tuple[np.ndarray, dict]:
-    summary = sample.main(["--config", str(run_dir / "config.yaml"), "--out", str(out), "--device", "cpu", *args])
+    summary = sampling.main(["--config", str(run_dir / "config.yaml"), "--out", str(out), "--device", "cpu", *args])
     with np.load(out / "samples.npz") as archive:
         samples = archive["samples"]
     assert json.loads((out / "info.json").read_text()) == json.loads(json.dumps(summary))
@@ -163,16 +164,20 @@ def test_image_grid_and_uint8_array(runs, tmp_path):
 
 def test_checkpoint_that_does_not_match_the_config_is_refused(runs, tmp_path):
     """The toy checkpoint (VP, T = 0.4, 2-D) against the digits config (T = 1, images): both SDEs named."""
-    with pytest.raises(sample.SampleError, match=r"trained with VPSDE\(T=0.4.*config gives VPSDE\(T=1"):
+    with pytest.raises(runs_module.RunError) as refused:
         run_sample(runs["digits"], tmp_path / "a", "--n", "2",
                    "--ckpt_path", str(runs["toy"] / "checkpoints/last.ckpt"))
+    message = str(refused.value)
+    assert "\n" not in message and str(runs["toy"] / "checkpoints/last.ckpt") in message
+    assert "'model.init_args.net.class_path' = difftime.networks.UNet in " in message  # the config's
+    assert "'model.init_args.sde.init_args.T' = 1.0 in " in message and "0.4 in the checkpoint" in message
 
 
 def test_post_hoc_truncation(runs, tmp_path):
     """--eval_T: the T = 1 digits model sampled from T' = 0.5 (Gaussian prior at T'); T' > T is refused."""
     _, info = run_sample(runs["digits"], tmp_path / "a", "--n", "2", "--eval_T", "0.5")
     assert info["T"] == 0.5 and info["T_trained"] == 1.0 and info["prior"] == "gaussian"
-    with pytest.raises(SystemExit):
+    with pytest.raises(runs_module.RunError, match=r"^--eval_T 1.5: [^\n]*= 1.5 is invalid: allowed [^\n]*\(1e-05, 1\]"):
         run_sample(runs["digits"], tmp_path / "b", "--n", "2", "--eval_T", "1.5")
 
 
@@ -183,13 +188,13 @@ def test_errors_are_one_line_and_outputs_never_overwritten(runs, tmp_path, capsy
     argv = ["sample.py", "--config", str(runs["digits"] / "config.yaml"), "--out", str(out), "--device", "cpu"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as stop:
-        sample.cli_main()
+        sampling.cli_main()
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and len(err.splitlines()) == 1 and "already holds samples.npz" in err
     assert (out / "samples.npz").read_bytes() == before
     monkeypatch.setattr(sys, "argv", argv[:3] + ["--out", str(tmp_path / "b"), "--ckpt_path", str(tmp_path / "nope.ckpt")])
     with pytest.raises(SystemExit):
-        sample.cli_main()
+        sampling.cli_main()
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nope.ckpt" in err and not (tmp_path / "b").exists()
 
@@ -225,11 +230,69 @@ def test_fit_grid_writes_a_schedule_a_config_can_carry(runs, tmp_path):
                                               "init_args": {"steps": 4, **entry}}})
     schedule = parser.instantiate(config).sampler.schedule
     assert schedule == Tabulated(grid["log_nsr"])
-    model, _ = sample.load_run(runs["toy"] / "checkpoints/last.ckpt")
+    model, _ = runs_module.load_run(runs["toy"] / "checkpoints/last.ckpt")
     times = schedule(model.eval_sde, 4)
     assert float(times[0]) == 0.4 and float(times[-1]) == model.eval_sde.eps and torch.all(times[1:] < times[:-1])
-    with pytest.raises(sample.SampleError, match="fixed-step sampler"):
+    with pytest.raises(sampling.SampleError, match="fixed-step sampler"):
         run_sample(runs["toy"], tmp_path / "c", "--n", "2", "--sampler", "adaptive_ode", "--fit_grid")
-    with pytest.raises(sample.SampleError, match="at least as many --fit_candidates"):
+    with pytest.raises(sampling.SampleError, match="at least as many --fit_candidates"):
         run_sample(runs["toy"], tmp_path / "d", "--n", "2", "--sampler", "ddim", "--steps", "20", "--fit_grid",
                    "--fit_candidates", "10")
+
+
+def sample_command(args: list[str], capsys, monkeypatch) -> str:
+    """``sample.py ARGS`` in-process: it must exit 2 with one line on stderr, in its own name."""
+    monkeypatch.setattr(sys, "argv", ["sample.py", *args])
+    with pytest.raises(SystemExit) as stop:
+        sampling.cli_main()
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("sample.py: error: ") and "train.py" not in err
+    return err
+
+
+def test_refused_prior_is_one_line_with_the_reason(runs, tmp_path, capsys, monkeypatch):
+    """A prior trained at T = 0.4 for a T = 1 model was a 7-15-line jsonargparse dump (the reason on line 4)."""
+    err = sample_command(["--config", str(runs["digits"] / "config.yaml"), "--out", str(tmp_path / "a"),
+                          "--prior", str(runs["aux"])], capsys, monkeypatch)
+    assert f"--prior {runs['aux']}: " in err and "was trained for VPSDE(T=0.4" in err and "uses VPSDE(T=1" in err
+    assert not (tmp_path / "a").exists()
+
+
+def test_checkpoint_that_is_not_a_dictionary_is_one_line(runs, tmp_path, capsys, monkeypatch):
+    """A --ckpt_path that loads weights-only but holds a bare tensor raised AttributeError."""
+    path = tmp_path / "tensor.ckpt"
+    torch.save(torch.zeros(3), path)
+    err = sample_command(["--config", str(runs["digits"] / "config.yaml"), "--out", str(tmp_path / "a"),
+                          "--ckpt_path", str(path)], capsys, monkeypatch)
+    assert f"checkpoint {path} is not a Lightning checkpoint: it holds a Tensor" in err
+
+
+def test_network_that_does_not_match_is_one_line(runs, tmp_path, capsys, monkeypatch):
+    """A wider U-Net than the checkpoint's printed 51 lines of size mismatches: now the config key when the
+    checkpoint records its hyperparameters, else the first mismatching tensor and their count."""
+    config = tmp_path / "config.yaml"
+    config.write_text((runs["digits"] / "config.yaml").read_text().replace("nf: 8", "nf: 16"))
+    ckpt = runs["digits"] / "checkpoints/last.ckpt"
+    err = sample_command(["--config", str(config), "--ckpt_path", str(ckpt), "--out", str(tmp_path / "a")],
+                         capsys, monkeypatch)
+    assert f"checkpoint {ckpt} does not match the config" in err
+    assert f"config key 'model.init_args.net.init_args.nf' = 16 in {config}, 8 in the checkpoint" in err
+    bare = tmp_path / "bare.ckpt"  # the same weights without the hyperparameters (e.g. a converted file)
+    state = torch.load(ckpt, weights_only=True)
+    del state["hyper_parameters"]
+    torch.save(state, bare)
+    err = sample_command(["--config", str(config), "--ckpt_path", str(bare), "--out", str(tmp_path / "b")],
+                         capsys, monkeypatch)
+    wider = torch.load(bare, weights_only=True)["state_dict"]
+    expected = sum(1 for v in wider.values() if v.ndim > 0)
+    assert f"checkpoint {bare} does not match the config's network: " in err and " tensors differ in shape" in err
+    count = int(err.split("network: ")[1].split(" tensors")[0])
+    assert 0 < count <= expected and "in the checkpoint" in err
+
+
+def test_option_errors_are_one_line(runs, tmp_path, capsys, monkeypatch):
+    config = str(runs["digits"] / "config.yaml")
+    assert "--n must be >= 1, got 0" in sample_command(["--config", config, "--n", "0"], capsys, monkeypatch)
+    assert "--sampler" in sample_command(["--config", config, "--sampler", "bogus"], capsys, monkeypatch)
+    assert "--ste" in sample_command(["--config", config, "--ste", "3"], capsys, monkeypatch)  # no abbreviations
