@@ -42,10 +42,21 @@ def sha256(path: Path) -> str:
     return _DIGESTS[key]
 
 
+def recorded_files(folder: Path) -> dict[str, str]:
+    """The files a unit's record lists, with their SHA-256 ({} without a readable record)."""
+    try:
+        files = json.loads((folder / RECORD).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return dict(files) if isinstance(files, dict) else {}
+
+
 def write_record(unit: Unit, files: list[Path]) -> None:
-    """Record the unit's output files (paths relative to its folder) with their SHA-256: it is done."""
+    """Record the unit's output files (paths relative to its folder) with their SHA-256, and the
+    records of the units it read (``inputs``): it is done."""
     record = {"unit": unit.id, "finished": time.time(),
-              "files": {p.relative_to(unit.folder).as_posix(): sha256(p) for p in files}}
+              "files": {p.relative_to(unit.folder).as_posix(): sha256(p) for p in files},
+              "inputs": {dep: recorded_files(unit.root / "units" / dep) for dep in unit.deps}}
     atomic_json(unit.folder / RECORD, record)
 
 
@@ -55,8 +66,8 @@ def record_problem(unit: Unit) -> str | None:
     if not path.is_file():
         return "no record of its outputs" if (unit.folder / "result.json").exists() else "not finished"
     try:
-        files = json.loads(path.read_text())["files"]
-        items = list(files.items())
+        record = json.loads(path.read_text())
+        items, inputs = list(record["files"].items()), dict(record.get("inputs") or {})
     except (ValueError, KeyError, TypeError, AttributeError):
         return f"{RECORD} is unreadable"
     for name, digest in items:
@@ -65,7 +76,24 @@ def record_problem(unit: Unit) -> str | None:
             return f"{name} is missing"
         if sha256(target) != digest:
             return f"{name} differs from what the unit wrote (SHA-256 {sha256(target)[:12]}, recorded {str(digest)[:12]})"
+    for dep, files in inputs.items():
+        if recorded_files(unit.root / "units" / dep) != files:
+            return f"{dep}, which it read, has changed since it ran"
     return None
+
+
+def set_aside_unverified(unit: Unit) -> list[str]:
+    """Move every recorded file of ``unit`` that no longer verifies to ``<name>.invalid``, and drop
+    the record: a fit then resumes from its newest checkpoint that still does, and train.py writes
+    a fresh ``config.yaml``. Returns the names moved aside."""
+    path, files, moved = unit.folder / RECORD, recorded_files(unit.folder), []
+    for name, digest in files.items():
+        target = unit.folder / name
+        if target.is_file() and sha256(target) != digest:
+            target.replace(target.with_name(target.name + ".invalid"))
+            moved.append(name)
+    path.unlink(missing_ok=True)
+    return moved
 
 
 def final_checkpoint(unit: Unit) -> Path | None:

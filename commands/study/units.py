@@ -18,7 +18,8 @@ import yaml
 
 from commands.study.config import FIT_KINDS, build_object
 from commands.study.plan import Plan, Unit
-from commands.study.records import atomic_json, done_steps, final_checkpoint, record_problem, status, write_record
+from commands.study.records import (atomic_json, done_steps, final_checkpoint, record_problem, set_aside_unverified,
+                                    status, write_record)
 from commands.study.spec import GAUSSIAN
 
 AUX_CHECKPOINT = "difftime.aux_priors.AuxPriorCheckpoint"
@@ -82,7 +83,8 @@ def run_fit(plan: Plan, unit: Unit) -> None:
     """
     import json
 
-    (unit.folder / "done.json").unlink(missing_ok=True)
+    for name in set_aside_unverified(unit):
+        say(f"{unit.id}: moved {name}, which differs from what the unit wrote, aside to {name}.invalid")
     with open(unit.folder / "unit.yaml", "w") as handle:
         yaml.safe_dump(unit.run_config, handle, sort_keys=False)
     before, start = done_steps(unit), time.time()
