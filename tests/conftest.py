@@ -17,6 +17,20 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``slurm`` run on a real cluster (``scripts/local_slurm.sh start``); without one
+    they are skipped with the reason, which ``-ra`` prints in the summary."""
+    marked = [item for item in items if item.get_closest_marker("slurm")]
+    if not marked:
+        return
+    from slurm_helpers import cluster_problem
+
+    reason = cluster_problem()
+    if reason:
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For tests of many tiny ops, where a second (shared) intra-op thread only adds overhead.
