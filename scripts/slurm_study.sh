@@ -1,60 +1,10 @@
 #!/bin/bash
-# The T study on a SLURM cluster: one array job per stage, chained with --dependency=afterok,
-# the report job last. No scheduler of our own: SLURM runs every unit.
+# The T study on a SLURM cluster: one array job per stage chained with --dependency=afterok, the
+# report job last. The template ships beside the study package (commands/study/slurm_study.sh, what
+# `python study.py --config SPEC --executor slurm` submits); this path keeps working for
 #
-#   bash scripts/slurm_study.sh configs/study/cifar10.yaml        # on the login node (or:
-#   python study.py --config configs/study/cifar10.yaml --executor slurm)
+#   bash scripts/slurm_study.sh configs/study/cifar10.yaml
 #
-# * `study.py --task-list STAGE` pins the stage's units that are not done yet to array indices
-#   (<out>/slurm/STAGE.units), so a re-submission skips finished units;
-# * each array task runs `study.py --task STAGE INDEX`: a fit unit is one ordinary `train.py fit`
-#   in its hash-named run folder, with train.py's preemption handling: --signal=USR1@120 reaches
-#   every process of the step, train.py checkpoints at the next step boundary, requeues the
-#   array task (`scontrol requeue <array job>_<task>`) and exits cleanly; the requeued task
-#   resumes exactly from the newest valid checkpoint. Evaluation tasks rewrite their outputs
-#   atomically, so a preempted one simply runs again;
-# * train (score models, classifier) and aux (auxiliary priors) are independent; evaluate waits
-#   for both (afterok), report for evaluate.
-#
-# GPUS_PER_TASK, TIME_TRAIN, TIME_EVAL, PARTITION_ARGS (e.g. "--partition=gpu") tune the jobs.
-#SBATCH --job-name=difftime-study
-#SBATCH --nodes=1
-#SBATCH --ntasks=1
-#SBATCH --cpus-per-task=8
-#SBATCH --signal=USR1@120
-#SBATCH --requeue
-#SBATCH --open-mode=append
-#SBATCH --output=slurm-%x-%A_%a.out
-
-set -euo pipefail
-
-if [[ "${1:-}" == "--task" ]]; then   # inside an array task (or the report job)
-    STAGE=$2; SPEC=$3
-    cd "${SLURM_SUBMIT_DIR}"
-    source .venv/bin/activate
-    if [[ "${STAGE}" == "report" ]]; then
-        exec python study.py --config "${SPEC}" --stage report
-    fi
-    # exec + srun: SLURM's signals reach study.py and the train.py it starts
-    exec srun --kill-on-bad-exit=1 python study.py --config "${SPEC}" --task "${STAGE}" "${SLURM_ARRAY_TASK_ID}"
-fi
-
-SPEC=${1:?usage: bash scripts/slurm_study.sh STUDY_SPEC.yaml}
-PY=${PYTHON:-python}
-GPUS=${GPUS_PER_TASK:-1}
-EXTRA=${PARTITION_ARGS:-}
-submit() {  # submit STAGE DEPENDENCY TIME -> prints the job id (empty when the stage has nothing to do)
-    local stage=$1 dep=$2 time=$3 n
-    n=$(${PY} study.py --config "${SPEC}" --task-list "${stage}")
-    if [[ "${n}" -eq 0 ]]; then return 0; fi
-    sbatch --parsable --array=0-$((n - 1)) --gpus-per-task="${GPUS}" --time="${time}" ${dep:+--dependency=afterok:${dep}} \
-        --job-name="study-${stage}" ${EXTRA} "$0" --task "${stage}" "${SPEC}"
-}
-TRAIN=$(submit train "" "${TIME_TRAIN:-24:00:00}")
-AUX=$(submit aux "" "${TIME_TRAIN:-24:00:00}")
-DEPS=$(echo "${TRAIN}" "${AUX}" | xargs | tr ' ' ':')
-EVAL=$(submit evaluate "${DEPS}" "${TIME_EVAL:-04:00:00}")
-LAST=${EVAL:-${DEPS}}
-REPORT=$(sbatch --parsable --time=01:00:00 ${LAST:+--dependency=afterok:${LAST}} --job-name=study-report ${EXTRA} \
-    "$0" --task report "${SPEC}")
-echo "submitted: train ${TRAIN:-none}, aux ${AUX:-none}, evaluate ${EVAL:-none}, report ${REPORT}"
+# Partitions: GPUS_PER_TASK (0 on a CPU partition), TIME_TRAIN, TIME_EVAL and PARTITION_ARGS (extra
+# sbatch options, e.g. "--partition=cpu --cpus-per-task=2", placed after the template's own).
+exec bash "$(cd "$(dirname "$0")/.." && pwd)/commands/study/slurm_study.sh" "$@"
