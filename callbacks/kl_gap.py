@@ -75,6 +75,8 @@ class Row(NamedTuple):
 
 #: tag groups (the part before the first '/'): after ``train`` and ``val`` in TensorBoard's sort
 SUMMARY, BY_T = "val_kl_gap", "val_kl_gap_by_T"
+#: the figure's resolution in TensorBoard (shown near 1:1 in a card) and in the PNG file
+FIGURE_DPI, FILE_DPI = 80, 160
 
 
 def t_label(T: float) -> str:
@@ -209,7 +211,7 @@ class KLGap(EvalSetCallback):
             writer.writerow(Row._fields)
             writer.writerows([*(repr(float(v)) for v in row[:-1]), row.prior] for row in rows)
         figure = curves_figure(rows, T_star, count, step)
-        figure.savefig(out_dir / f"step={step:08d}.png", dpi=100)
+        figure.savefig(out_dir / f"step={step:08d}.png", dpi=FILE_DPI)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_figure"):
             experiment.add_figure(f"{SUMMARY}/curves", figure, global_step=step)  # closes the figure
@@ -235,8 +237,10 @@ def curve_keys(rows: list[Row]) -> dict[str, float]:
 def curves_figure(rows: list[Row], T_star: float, count: int, step: int = 0):
     """Every term against T' with +-2 SE bars, auxiliary-prior points marked: one figure.
 
-    Sized for a TensorBoard card (the image is shown about 400 px wide): few inches, large type,
-    and the legend below the axes, where it covers no curve.
+    Sized for a TensorBoard card, which shows images about 220 px tall and scales them without
+    smoothing: a wide, low figure at screen resolution (so it is shown near 1:1), large type, and
+    the legend to the right of the axes, where it covers no curve. The PNG file is written at a
+    higher resolution by the caller.
     """
     import matplotlib
 
@@ -245,7 +249,7 @@ def curves_figure(rows: list[Row], T_star: float, count: int, step: int = 0):
 
     gaussian = [row for row in rows if row.prior == "gaussian"]
     T = [row.T for row in gaussian]
-    figure, axis = plt.subplots(figsize=(5.0, 4.6), dpi=100, layout="constrained")
+    figure, axis = plt.subplots(figsize=(6.0, 3.0), dpi=FIGURE_DPI, layout="constrained")
     terms = (("total", "total", 1, "k", 2.5), ("prior", "prior (KL gap)", 1, "C0", 1.8),
              ("diffusion", "diffusion", 1, "C1", 1.8), ("reconstruction", "−reconstruction", -1, "C2", 1.8))
     handles = []
@@ -258,12 +262,11 @@ def curves_figure(rows: list[Row], T_star: float, count: int, step: int = 0):
     for row in rows:
         if row.prior != "gaussian":
             handles += axis.plot([row.T] * 2, [row.prior_bpd, row.total_bpd], "*", color="C3", ms=12,
-                                 label=f"{row.prior.removeprefix('aux:')}: prior, total")
-    axis.set_xlabel("T' (diffusion time of the evaluation)", fontsize=13)
+                                 label=f"{row.prior.removeprefix('aux:')}:\nprior, total")
+    axis.set_xlabel("T'", fontsize=13)
     axis.set_ylabel("bits/dim", fontsize=13)
     axis.tick_params(labelsize=12)
     axis.grid(alpha=0.3)
-    axis.set_title(f"total = prior + diffusion − reconstruction\nstep {step}, {count} data, ±2 SE", fontsize=12)
-    figure.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=11, frameon=False,
-                  columnspacing=1.0, handlelength=1.6)
+    figure.legend(handles=handles, loc="outside right upper", fontsize=12, frameon=False, handlelength=1.5,
+                  title=f"step {step}\n{count} data, ±2 SE", title_fontsize=11, alignment="left")
     return figure
