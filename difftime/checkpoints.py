@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
+import secrets
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -48,11 +48,26 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
         raise CorruptCheckpointError(f"checkpoint {path} is corrupted: CRC mismatch in member '{bad}'")
 
 
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new, empty temp file beside ``path`` (matching ``_TEMP_GLOB``), opened for writing.
+
+    Created with mode 0666 filtered by the umask, as ``open`` creates files: umask 022 gives
+    0644, 027 gives 0640 (group members can read a colleague's checkpoints). ``tempfile.mkstemp``
+    would create it 0600 whatever the umask, and ``os.replace`` keeps that mode.
+    """
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temp file in the same directory, fsync, os.replace, fsync the directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
@@ -198,4 +213,3 @@ def remove_orphan_temp_files(directory: str | os.PathLike) -> list[Path]:
     for path in removed:
         path.unlink(missing_ok=True)
     return removed
-
