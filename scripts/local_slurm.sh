@@ -11,7 +11,7 @@
 # /var/spool/slurm-local and /var/log/slurm-local. Needs root.
 #
 # The node: this host, with the CPUs and memory `slurmd -C` finds (CPUs = nproc), cores as the
-# consumable resource (select/cons_tres, CR_Core: one job per CPU), JobRequeue=1 (batch jobs may be
+# consumable resource (select/cons_tres, CR_Core; OverSubscribe=FORCE:4 lets 4 jobs share a CPU), JobRequeue=1 (batch jobs may be
 # requeued), ReturnToService=2 (the node returns to service by itself after a restart), no
 # accounting (use `scontrol show job`: JobState, Restarts, ExitCode), ProctrackType=proctrack/linuxproc
 # and TaskPlugin=task/none (no cgroups needed, so it also runs inside a container).
@@ -32,9 +32,13 @@
 # and falls back to 120 s (so this script refuses values below 5). A production cluster keeps the
 # defaults: credentials this short are only safe on a single, lightly loaded node.
 #
-# Environment: SLURM_CRED_EXPIRE (seconds, >= 5, default 5), SLURM_SCHEDULER_PARAMETERS (default
-# sched_interval=2,bf_interval=1; empty: SLURM's defaults), SLURM_OVERSUBSCRIBE (jobs sharing one CPU, default 4:
-# the tests' jobs mostly wait for signals, time limits and requeues, so they run side by side).
+# Also seen on this cluster: --signal=USR1@N arrives up to about 30 s before N (slurmctld checks time
+# limits and warning signals every 30 s; sbatch(1) says up to 60 s), and the time limit is enforced at
+# the same coarse pace.
+#
+# Environment: SLURM_CRED_EXPIRE (seconds, >= 5, default 5); SLURM_SCHEDULER_PARAMETERS (default
+# sched_interval=2,bf_interval=1; empty: SLURM's defaults); SLURM_OVERSUBSCRIBE (jobs sharing one CPU,
+# default 4: the tests' jobs mostly wait for signals, time limits and requeues, so they run side by side).
 set -euo pipefail
 
 CONF_DIR=/etc/slurm
