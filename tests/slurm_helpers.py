@@ -24,7 +24,8 @@ def cluster_problem() -> str | None:
     ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
     if "UP" not in ping.stdout:
         who = "" if os.geteuid() == 0 else " (needs root)"
-        return f"no SLURM controller answers (scontrol ping: {ping.stdout.strip() or ping.stderr.strip()}); start one{who}: {START}"
+        said = (ping.stdout.strip() or ping.stderr.strip() or "no answer").splitlines()[0]
+        return f"no SLURM controller answers (scontrol ping: {said}); start one{who}: {START}"
     states = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, timeout=30).stdout.split()
     if not any(s.rstrip("*~#!%$@^-") in ("idle", "mix", "alloc") for s in states):
         return f"no SLURM node takes jobs (node states: {' '.join(states) or 'none'}); {START}"
