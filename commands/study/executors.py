@@ -11,7 +11,7 @@ from pathlib import Path
 
 from commands.study.plan import Plan, Unit
 from commands.study.records import record_problem, status
-from commands.study.units import fit_command, run_unit, say, subprocess_env
+from commands.study.units import UnitError, fit_command, run_unit, say, subprocess_env
 
 SLURM_SCRIPT = Path(__file__).resolve().parent / "slurm_study.sh"
 
@@ -60,5 +60,8 @@ def run_task(plan: Plan, stage: str, index: int) -> None:
 
 def submit_slurm(plan: Plan) -> None:
     """Submit the study to SLURM with this interpreter (``PYTHON``) from the working directory."""
+    if not SLURM_SCRIPT.is_file():
+        raise UnitError(f"the SLURM script {SLURM_SCRIPT} is missing from this installation (package data of "
+                        "commands.study)")
     env = {**subprocess_env(), "PYTHON": os.environ.get("PYTHON", sys.executable)}
     subprocess.run(["bash", str(SLURM_SCRIPT), str(plan.spec_path)], check=True, env=env)

@@ -16,14 +16,11 @@ from typing import Any
 
 import yaml
 
-from commands.study.config import FIT_KINDS, build_object
+from commands.study.config import build_object
 from commands.study.plan import Plan, Unit
 from commands.study.records import (atomic_json, done_steps, final_checkpoint, record_problem, set_aside_unverified,
                                     status, write_record)
 from commands.study.spec import GAUSSIAN
-
-AUX_CHECKPOINT = "difftime.aux_priors.AuxPriorCheckpoint"
-
 
 class UnitError(RuntimeError):
     """A unit that cannot run or did not finish: one line naming the unit (and the file)."""
@@ -231,5 +228,5 @@ def prior_draw_cost(aux: Path | None, summary: dict[str, Any], n: int, seed: int
     return (time.perf_counter() - start) / n
 
 
-__all__ = ["FIT_KINDS", "UnitError", "fit_command", "run_unit", "run_fit", "run_classifier", "run_bpd", "run_sample",
+__all__ = ["UnitError", "fit_command", "run_unit", "run_fit", "run_classifier", "run_bpd", "run_sample",
            "prior_draw_cost", "score_run", "eval_T"]
