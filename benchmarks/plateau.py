@@ -212,7 +212,7 @@ def write_report(path: Path, rows: list[dict[str, str]]) -> None:
     for r in sorted(rows, key=lambda r: int(r["step"])):
         cell = lambda k: f"{float(r[k]):.4g} [{float(r[k + '_low']):.4g}, {float(r[k + '_high']):.4g}]"
         lines.append(f"| {r['step']} | {cell('fd')} | {cell('kid')} | {cell('precision')} | {cell('recall')} |")
-    note = quality.interval_note({**rows[-1], "ci_level": float(rows[-1]["ci_level"])})
+    note = quality.interval_note(rows[-1])
     lines += ["", note, "", *verdict(rows), "",
               "A plateau is judged on the last doubling only; read it with the whole curve (`.png`, `.csv`).", ""]
     path.write_text("\n".join(lines))

@@ -17,13 +17,14 @@ interval method is asked whether its nominal 95 % interval covers the truth:
 * FD: jackknife bias-corrected (the method of ``quality_row``), basic bootstrap (``fd_interval``)
   and the percentile bootstrap that the project used before (``fd_percentile_interval``);
 * KID: unbiased U-statistic with the jackknife interval;
-* precision / recall: the jackknife (``quality_row``) and the bootstrap of the indicators given
-  the manifolds (``precision_recall_intervals``).
+* precision / recall: the delete-half jackknife (``quality_row``), the delete-a-group jackknife
+  and the bootstrap of the indicators given the manifolds (``precision_recall_intervals``).
 
 Writes ``benchmarks/results/quality_coverage.csv`` (one row per replication and method) and
 ``quality_coverage.md`` (coverage with its Wilson 95 % interval, mean estimate, truth, mean width).
 
     nice python benchmarks/quality_coverage.py [--reps 200] [--truth_reps 2000] [--sizes 200 500]
+        [--statistics precision recall]   # re-measure some; keep the others' rows
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from difftime import quality
 OUT = Path(__file__).resolve().parent / "results"
 D = 64
 CONDITIONAL = "percentile bootstrap of the indicators given the manifolds"
+STATISTICS = ("fd", "kid", "precision", "recall")
 
 
 def scenario(d: int = D, seed: int = 123) -> dict[str, torch.Tensor]:
@@ -74,16 +76,23 @@ def truths(s: dict[str, torch.Tensor], n: int, truth_reps: int) -> dict[str, tup
             "precision": (float(pr[:, 0].mean()), float(se[0])), "recall": (float(pr[:, 1].mean()), float(se[1]))}
 
 
-def intervals(real: torch.Tensor, fake: torch.Tensor, seed: int, resamples: int) -> dict[tuple[str, str], quality.Interval]:
-    """Every (statistic, method) interval of one replication."""
-    precision_j, recall_j = quality.precision_recall_jackknife(real, fake, seed=seed)
-    precision_b, recall_b = quality.precision_recall_intervals(real, fake, resamples=resamples, seed=seed)
-    return {("fd", "jackknife"): quality.fd_jackknife(real, fake, seed=seed),
-            ("fd", "basic bootstrap"): quality.fd_interval(real, fake, resamples, seed=seed),
-            ("fd", "percentile bootstrap"): quality.fd_percentile_interval(real, fake, resamples, seed=seed),
-            ("kid", "jackknife"): quality.kid_jackknife(real, fake, seed=seed),
-            ("precision", "jackknife"): precision_j, ("recall", "jackknife"): recall_j,
-            ("precision", CONDITIONAL): precision_b, ("recall", CONDITIONAL): recall_b}
+def intervals(real: torch.Tensor, fake: torch.Tensor, seed: int, resamples: int,
+              statistics: set[str]) -> dict[tuple[str, str], quality.Interval]:
+    """Every (statistic, method) interval of one replication, for the chosen statistics."""
+    out = {}
+    if "fd" in statistics:
+        out |= {("fd", "jackknife"): quality.fd_jackknife(real, fake, seed=seed),
+                ("fd", "basic bootstrap"): quality.fd_interval(real, fake, resamples, seed=seed),
+                ("fd", "percentile bootstrap"): quality.fd_percentile_interval(real, fake, resamples, seed=seed)}
+    if "kid" in statistics:
+        out[("kid", "jackknife")] = quality.kid_jackknife(real, fake, seed=seed)
+    if statistics & {"precision", "recall"}:
+        for method, pair in (("half", quality.precision_recall_half_sampling(real, fake, seed=seed)),
+                             ("jackknife", quality.precision_recall_jackknife(real, fake, seed=seed)),
+                             (CONDITIONAL, quality.precision_recall_intervals(real, fake, resamples=resamples,
+                                                                             seed=seed))):
+            out |= {("precision", method): pair[0], ("recall", method): pair[1]}
+    return out
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -93,13 +102,13 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def run(sizes: list[int], reps: int, truth_reps: int, resamples: int) -> list[dict]:
+def run(sizes: list[int], reps: int, truth_reps: int, resamples: int, statistics: set[str]) -> list[dict]:
     s, rows = scenario(), []
     for n in sizes:
         truth, start = truths(s, n, truth_reps), time.perf_counter()
         for r in range(reps):
-            for (stat, method), iv in intervals(*draw(s, n, 1000 + r), seed=r, resamples=resamples).items():
-                rows.append({"n": n, "rep": r, "statistic": stat, "method": iv.method if method == "jackknife" else method,
+            for (stat, method), iv in intervals(*draw(s, n, 1000 + r), r, resamples, statistics).items():
+                rows.append({"n": n, "rep": r, "statistic": stat, "method": iv.method if method != CONDITIONAL else method,
                              "estimate": iv.estimate, "low": iv.low, "high": iv.high, "truth": truth[stat][0],
                              "truth_mc_se": truth[stat][1], "covered": int(iv.low <= truth[stat][0] <= iv.high),
                              "contains_estimate": int(iv.low <= iv.estimate <= iv.high)})
@@ -130,18 +139,33 @@ def summary(rows: list[dict], reps: int, truth_reps: int, resamples: int, second
     return "\n".join(lines) + "\n"
 
 
+def kept_rows(path: Path, chosen: set[str]) -> list[dict]:
+    """Rows of an earlier run for the statistics not measured now (numbers parsed back)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["statistic"] not in chosen]
+    numbers = ("estimate", "low", "high", "truth", "truth_mc_se")
+    return [{**r, **{k: float(r[k]) for k in numbers}, **{k: int(r[k]) for k in ("n", "rep", "covered", "contains_estimate")}}
+            for r in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--truth_reps", type=int, default=2000)
     parser.add_argument("--resamples", type=int, default=200)
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 500])
+    parser.add_argument("--statistics", nargs="+", choices=STATISTICS, default=list(STATISTICS),
+                        help="measure only these; the other statistics' rows of an existing CSV are kept")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    rows = run(args.sizes, args.reps, args.truth_reps, args.resamples)
+    chosen = set(args.statistics) | ({"precision", "recall"} if set(args.statistics) & {"precision", "recall"} else set())
+    rows = run(args.sizes, args.reps, args.truth_reps, args.resamples, chosen)
     args.out.mkdir(parents=True, exist_ok=True)
+    rows = kept_rows(args.out / "quality_coverage.csv", chosen) + rows
     with open(args.out / "quality_coverage.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -12,9 +12,11 @@
   around its points whose radius is the distance to the k-th nearest neighbour in the same set;
   precision is the fraction of generated points inside the real manifold, recall the fraction
   of real points inside the generated manifold.
-* Intervals: the delete-a-group jackknife over both feature sets (Efron and Tibshirani 1993,
-  Ch. 11; Shao and Tu 1995, Sec. 5.2), see :func:`jackknife` for why; the basic and percentile
-  bootstraps (Efron and Tibshirani 1993, Ch. 13; Davison and Hinkley 1997, Eq. 5.6) for comparison.
+* Intervals: the delete-a-group jackknife over both feature sets for FD and KID (Efron and
+  Tibshirani 1993, Ch. 11; Shao and Tu 1995, Sec. 5.2), see :func:`jackknife` for why; the
+  delete-half jackknife for the non-smooth precision and recall (:func:`half_sampling`); the basic
+  and percentile bootstraps (Efron and Tibshirani 1993, Ch. 13; Davison and Hinkley 1997, Eq. 5.6)
+  for comparison. Their coverage is measured in ``benchmarks/results/quality_coverage.md``.
 * :func:`quality_row`: every number above from sample and reference features, in one record
   naming the interval methods, so every table reports the same thing.
 
@@ -236,17 +238,48 @@ def jackknife(statistic: Callable[..., Tensor], samples: Sequence[Tensor], group
     _check_level(level)
     full = torch.as_tensor(statistic(*samples), dtype=torch.float64).reshape(-1)
     parts = [_deleted_groups(statistic, samples, which, full, groups, seed + which) for which in range(len(samples))]
-    bias, variance = sum(p[0] for p in parts), sum(p[1] for p in parts)
-    df_terms = sum(p[2] for p in parts)
+    bias, variance, df_terms = (sum(p[i] for p in parts) for i in range(3))
     estimate = full - bias if bias_correct else full
-    df = torch.where(df_terms > 0, variance**2 / df_terms.clamp_min(1e-300), torch.full_like(full, 1e6))
     reps = sum(min(groups, s.shape[0]) for s in samples)
     name = f"jackknife ({groups} groups per set{', bias-corrected' if bias_correct else ''})"
+    return _t_intervals(estimate, variance, df_terms, level, reps, name)
+
+
+def _t_intervals(estimate: Tensor, variance: Tensor, df_terms: Tensor, level: float, reps: int,
+                 name: str) -> list[Interval]:
+    """``estimate -+ t_q sqrt(variance)``, Student's t at Welch-Satterthwaite ``variance^2 / sum df_terms``."""
+    df = torch.where(df_terms > 0, variance**2 / df_terms.clamp_min(1e-300), torch.full_like(variance, 1e6))
     out = []
     for est, var, dof in zip(estimate.tolist(), variance.tolist(), df.tolist()):
         half = student_t_quantile((1 + level) / 2, max(dof, 1.0)) * math.sqrt(var)
         out.append(Interval(est, est - half, est + half, float(level), reps, name))
     return out
+
+
+def half_sampling(statistic: Callable[..., Tensor], samples: Sequence[Tensor], subsets: int = 50,
+                  level: float = 0.95, seed: int = 0) -> list[Interval]:
+    """Delete-half jackknife (Shao and Wu 1989; Shao and Tu 1995, Sec. 2.3) of a statistic of independent samples.
+
+    For each sample in turn, ``subsets`` random halves (``r = floor(n/2)`` points without
+    replacement; the other samples whole) give replicates ``t_s``; that sample's variance is
+    ``r / (n - r) * var_s(t_s)``, which for a mean is exactly ``s^2 / n`` in expectation. Unlike
+    the delete-one (or small-group) jackknife it stays consistent for non-smooth statistics such
+    as quantiles, and k-NN precision and recall are of that kind. Variances of the samples add;
+    the interval is ``t -+ t_q sqrt(var)`` around the plug-in value ``t``.
+    """
+    _check_level(level)
+    full = torch.as_tensor(statistic(*samples), dtype=torch.float64).reshape(-1)
+    variance, df_terms = torch.zeros_like(full), torch.zeros_like(full)
+    for which, sample in enumerate(samples):
+        generator, n = torch.Generator().manual_seed(int(seed) + which), sample.shape[0]
+        kept = n // 2
+        replicates = torch.stack([torch.as_tensor(statistic(*_replace(
+            samples, which, sample[torch.randperm(n, generator=generator)[:kept]])), dtype=torch.float64).reshape(-1)
+            for _ in range(subsets)])
+        var = kept / (n - kept) * replicates.var(0)
+        variance, df_terms = variance + var, df_terms + var**2 / (subsets - 1)
+    return _t_intervals(full, variance, df_terms, level, subsets * len(samples),
+                        f"delete-half jackknife ({subsets} random halves per set)")
 
 
 def _deleted_groups(statistic: Callable[..., Tensor], samples: Sequence[Tensor], which: int, full: Tensor,
@@ -292,15 +325,26 @@ def kid_jackknife(real: Tensor, fake: Tensor, groups: int = 50, level: float = 0
 
 def precision_recall_jackknife(real: Tensor, fake: Tensor, k: int = 3, groups: int = 50, level: float = 0.95,
                                seed: int = 0) -> tuple[Interval, Interval]:
-    """Precision and recall with jackknife t-intervals that include the manifolds' own variability.
+    """Precision and recall with delete-a-group jackknife t-intervals (clipped to [0, 1]).
 
-    The estimand is the expected precision (recall) at these set sizes and this k: the k-NN radii
-    depend on the set size, so no bias correction towards an infinite set is made. The intervals
-    are clipped to [0, 1]. They are conservative: k-NN statistics are not smooth, and the jackknife
-    overstates their spread (see ``benchmarks/results/quality_coverage.md``).
+    Conservative: k-NN statistics are not smooth, and the small-group jackknife overstates their
+    spread (``benchmarks/results/quality_coverage.md``); :func:`precision_recall_half_sampling` does not.
     """
     statistic = lambda x, y: torch.tensor(precision_recall(x, y, k), dtype=torch.float64)
     pair = jackknife(statistic, [real.double(), fake.double()], groups, level, seed, bias_correct=False)
+    return tuple(replace(iv, low=max(iv.low, 0.0), high=min(iv.high, 1.0)) for iv in pair)  # fractions
+
+
+def precision_recall_half_sampling(real: Tensor, fake: Tensor, k: int = 3, subsets: int = 50, level: float = 0.95,
+                                   seed: int = 0) -> tuple[Interval, Interval]:
+    """Precision and recall with delete-half jackknife t-intervals (:func:`half_sampling`), clipped to [0, 1].
+
+    They include the manifolds' own variability. The estimand is the expected precision (recall)
+    at these set sizes and this k: the k-NN radii depend on the set size, so the plug-in value is
+    not corrected towards an infinite set.
+    """
+    statistic = lambda x, y: torch.tensor(precision_recall(x, y, k), dtype=torch.float64)
+    pair = half_sampling(statistic, [real.double(), fake.double()], subsets, level, seed)
     return tuple(replace(iv, low=max(iv.low, 0.0), high=min(iv.high, 1.0)) for iv in pair)  # fractions
 
 
@@ -321,16 +365,19 @@ def precision_recall_intervals(real: Tensor, fake: Tensor, k: int = 3, resamples
 
 def quality_row(reference: Tensor, samples: Tensor, extractor: str, level: float = 0.95, groups: int = 50,
                 k: int = 3, seed: int = 0) -> dict[str, Any]:
-    """FD, KID, precision and recall with jackknife intervals, and what they were computed with.
+    """FD, KID, precision and recall with intervals of measured coverage, and what they were computed with.
 
-    ``reference: [M, F]`` and ``samples: [N, F]`` are features (the same extractor, named by
-    ``extractor``). Keys: ``fd fd_low fd_high fd_plugin kid kid_low kid_high precision precision_low
+    FD: jackknife bias-corrected (:func:`fd_jackknife`); KID: unbiased with a jackknife interval
+    (:func:`kid_jackknife`); both with ``groups`` groups per set. Precision and recall (k-NN
+    manifolds with ``k``): delete-half jackknife with ``groups`` halves per set
+    (:func:`precision_recall_half_sampling`). ``reference: [M, F]`` and ``samples: [N, F]`` are
+    features of the same extractor, named by ``extractor``. Keys: ``fd fd_low fd_high fd_plugin kid kid_low kid_high precision precision_low
     precision_high recall recall_low recall_high n_samples n_reference extractor k ci_level
     jackknife_groups fd_interval_method kid_interval_method pr_interval_method``.
     """
     fd = fd_jackknife(reference, samples, groups, level, seed)
     kid = kid_jackknife(reference, samples, groups, level, seed)
-    precision, recall = precision_recall_jackknife(reference, samples, k, groups, level, seed)
+    precision, recall = precision_recall_half_sampling(reference, samples, k, groups, level, seed)
     row: dict[str, Any] = {}
     for name, interval in (("fd", fd), ("kid", kid), ("precision", precision), ("recall", recall)):
         row |= {name: interval.estimate, f"{name}_low": interval.low, f"{name}_high": interval.high}
@@ -342,8 +389,7 @@ def quality_row(reference: Tensor, samples: Tensor, extractor: str, level: float
 
 def interval_note(row: dict[str, Any]) -> str:
     """One sentence for under a table: the interval level and methods, the sets and the extractor."""
-    return (f"Intervals: {100 * row['ci_level']:g} % Student-t intervals of the delete-a-group jackknife over both "
-            f"sets ({row['jackknife_groups']} groups each); FD {row['fd_interval_method']}, KID "
-            f"{row['kid_interval_method']} (unbiased, cubic kernel), precision/recall (k = {row['k']}) "
-            f"{row['pr_interval_method']}. {row['n_samples']} samples against {row['n_reference']} reference "
-            f"points in the features of {row['extractor']}.")
+    return (f"Intervals: {100 * float(row['ci_level']):g} % Student-t intervals over both sets: FD "
+            f"{row['fd_interval_method']}, KID {row['kid_interval_method']} (unbiased, cubic kernel), "
+            f"precision/recall (k = {row['k']}) {row['pr_interval_method']}. {row['n_samples']} samples against "
+            f"{row['n_reference']} reference points in the features of {row['extractor']}.")

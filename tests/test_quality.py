@@ -103,6 +103,15 @@ def test_jackknife_of_mean_and_variance_identities():
     assert 1.95 * se < diff.high - diff.estimate < 2.1 * se
 
 
+def test_half_sampling_variance_of_a_mean():
+    # r / (n - r) times the variance of a random half's mean is s^2 / n in expectation (sampling
+    # without replacement from n); with 4000 halves the estimate is within a few % of it.
+    x = torch.randn(100, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    interval = quality.half_sampling(lambda v: v.mean(), [x], subsets=4000)[0]
+    se = (interval.high - interval.estimate) / quality.student_t_quantile(0.975, 3999)
+    assert abs(se / float(x.std() / 10) - 1) < 0.05 and interval.estimate == float(x.mean())
+
+
 def test_student_t_quantile_matches_scipy():
     from scipy import stats
 
@@ -163,11 +172,12 @@ def test_quality_row_states_methods_and_sizes():
         assert row[f"{name}_low"] <= row[name] <= row[f"{name}_high"]
     assert (row["n_samples"], row["n_reference"], row["extractor"], row["jackknife_groups"]) == (90, 150, "identity", 20)
     assert "bias-corrected" in row["fd_interval_method"] and "jackknife" in row["kid_interval_method"]
+    assert row["pr_interval_method"].startswith("delete-half jackknife")
     assert row["fd"] < row["fd_plugin"]
     assert math.isclose(row["kid"], float(quality.kernel_distance(reference, samples)))
     assert (row["precision"], row["recall"]) == quality.precision_recall(reference.double(), samples.double())
     note = quality.interval_note(row)
-    assert "jackknife" in note and "90 samples against 150" in note
+    assert "bias-corrected" in note and "delete-half" in note and "90 samples against 150" in note
 
 
 def test_feature_extractors_moved_with_old_names():
