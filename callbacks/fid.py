@@ -22,6 +22,9 @@ What this callback fixes compared with a metric attached to the LightningModule:
   later runs load them. The metric lives in the callback, so no extractor weight ever enters a
   checkpoint, and the callback's ``state_dict`` is empty.
 * ``compute()`` is a collective: every rank runs the evaluation.
+* The value is the plug-in FID, comparable with published FIDs and biased upward by O(d / n);
+  for a bias-corrected FD, KID and precision/recall with intervals of measured coverage use
+  :func:`difftime.quality.quality_row` on the features.
 
 Feature extractors: Inception-v3 (torch-fidelity's port of the TF 2015 graph, 2048-d pool
 features) with weights from ``inception_weights`` (offline; see ``scripts/convert_inception.py``)
