@@ -212,9 +212,11 @@ def fake_scontrol(tmp_path: Path) -> tuple[Path, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["--trainer.callbacks.init_args.step=6", "--trainer.callbacks.init_args.val_batch=1"],
-                         ids=["training", "validation"])
-def test_sigusr1_checkpoints_requeues_once_and_resumes(tmp_path, where):
+def test_sigusr1_in_validation_checkpoints_requeues_once_and_resumes(tmp_path):
+    """A stand-in scontrol for what a real scheduler cannot show: the exact argument list, and a
+    signal inside validation. A signal in training, the requeue and the resume on a real SLURM:
+    tests/test_slurm_real.py."""
+    where = "--trainer.callbacks.init_args.val_batch=1"
     log, env = fake_scontrol(tmp_path)
     config = write_config(tmp_path, DIGITS, max_steps=14, val_every=5, ckpt_every=100)
     signal = ["--trainer.callbacks+=fault_helpers.SignalAt", where]

@@ -418,7 +418,7 @@ def test_failing_array_task_stops_the_chain_and_resubmission_runs_only_unfinishe
 
 
 # ---------------------------------------------------------------------- without a cluster
-@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)], ids=["022", "027", "077"])
 def test_checkpoints_honour_the_umask(tmp_path, umask, mode):
     """atomic_torch_save creates 0666 & ~umask, as open() does (mkstemp made every checkpoint 0600)."""
     from difftime.checkpoints import atomic_torch_save
