@@ -81,8 +81,9 @@ class Rates:
 
     def __init__(self, plan: Plan) -> None:
         cost, out = plan.spec.cost, plan.out
+        self.kinds = {unit.kind for unit in plan.units.values()}
         self.fit = {"score": fit_rate(out, "score", "", cost.score_s_per_step, "score_s_per_step")}
-        for name in plan.spec.aux_priors:
+        for name in dict.fromkeys(_fit_key(u).split(" ", 1)[1] for u in plan.units.values() if u.kind == "aux"):
             self.fit[f"aux {name}"] = fit_rate(out, "aux", f"{name}-T", cost.aux_s_per_step, "aux_s_per_step")
         self.sample = eval_rate(out, "sample", lambda r: r["nfe"] * r["n"], "wall_time_s",
                                 cost.s_per_nfe_per_sample, "s_per_nfe_per_sample")
@@ -94,8 +95,8 @@ class Rates:
 
     def lines(self) -> list[str]:
         rows = [(f"{name} fit", rate, "s/step") for name, rate in self.fit.items()]
-        rows += [("sampling", self.sample, "s per NFE per sample"), ("bits/dim", self.bpd, "s per image"),
-                 ("classifier", self.classifier, "s")]
+        rows += [("sampling", self.sample, "s per NFE per sample"), ("bits/dim", self.bpd, "s per image")]
+        rows += [("classifier", self.classifier, "s")] if "classifier" in self.kinds else []
         return [f"  {name}: {rate.value:.4g} {unit}, {rate.source}" for name, rate, unit in rows]
 
 
