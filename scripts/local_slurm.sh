@@ -144,8 +144,18 @@ munge_key() {
     chmod 400 "${key}"
 }
 
-alive() {  # alive PIDFILE: the daemon named there runs
-    [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null
+alive() {  # alive PIDFILE: the daemon named there runs (a zombie left for an init that does not reap does not count)
+    local pid
+    pid=$(cat "$1" 2>/dev/null) || return 1
+    [[ -n ${pid} && -d /proc/${pid} ]] && ! grep -q '^State:[[:space:]]*Z' "/proc/${pid}/status" 2>/dev/null
+}
+
+stop_pid() {  # stop_pid PIDFILE: SIGTERM to the daemon, then wait up to 10 s for it to go
+    local pid
+    pid=$(cat "$1" 2>/dev/null) || return 0
+    if alive "$1"; then kill "${pid}" 2>/dev/null || true; fi
+    for _ in $(seq 40); do alive "$1" || return 0; sleep 0.25; done
+    say "$1: process ${pid} did not stop"
 }
 
 start_munge() {
@@ -184,7 +194,7 @@ stop_daemons() {
     fi
     for pidfile in /run/slurmd.pid /run/slurmctld.pid; do
         for _ in $(seq 40); do alive "${pidfile}" || break; sleep 0.25; done
-        if alive "${pidfile}"; then kill "$(cat "${pidfile}")"; fi
+        stop_pid "${pidfile}"
     done
 }
 
@@ -207,10 +217,7 @@ start() {
 stop() {
     need_root
     stop_daemons
-    if alive /run/munge/munged.pid; then
-        kill "$(cat /run/munge/munged.pid)"
-        for _ in $(seq 40); do alive /run/munge/munged.pid || break; sleep 0.25; done
-    fi
+    stop_pid /run/munge/munged.pid
     say "stopped"
 }
 
