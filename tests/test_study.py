@@ -194,11 +194,11 @@ def check_report(out: Path, spec_path: Path) -> None:
         unit = plan.units[row["unit"]]
         samples = study.load_samples(unit)
         q = plan.spec.quality
-        fd = quality.fd_interval(data, samples.double(), q.resamples, q.level, q.seed)
-        precision, recall = quality.precision_recall_intervals(data, samples.double(), q.k, q.resamples, q.level, q.seed)
-        assert math.isclose(float(row["fd"]), fd.estimate, rel_tol=1e-12)
-        assert math.isclose(float(row["fd_low"]), fd.low, rel_tol=1e-12)
-        assert float(row["precision"]) == precision.estimate and float(row["recall"]) == recall.estimate
+        expected = quality.quality_row(data, samples.double(), "identity (raw values)", level=q.level,
+                                       groups=q.resamples, k=q.k, seed=q.seed)
+        for key in ("fd", "fd_low", "fd_high", "kid", "kid_low", "precision", "recall", "recall_high"):
+            assert math.isclose(float(row[key]), expected[key], rel_tol=1e-12, abs_tol=1e-15), key
+        assert row["fd_interval_method"] == expected["fd_interval_method"]
         info = json.loads((unit.folder / "samples" / "info.json").read_text())
         assert int(row["nfe"]) == info["nfe"] and info["T"] == pytest.approx(float(row["T"]))
         assert int(row["n_samples"]) == info["n"] == len(samples)

@@ -56,6 +56,9 @@ def check_spec(spec: StudySpec, executor: str = "local") -> None:
         _positive(key, getattr(getattr(spec, section) if section else spec, name))
     if not 0 < spec.quality.level < 1:
         raise SpecError("quality.level", f"= {spec.quality.level} is invalid: allowed 0 < level < 1")
+    if not 2 <= spec.quality.resamples <= spec.quality.n_samples:
+        raise SpecError("quality.resamples", f"= {spec.quality.resamples} is invalid: allowed 2 <= resamples <= "
+                                             f"n_samples = {spec.quality.n_samples} (jackknife groups per set)")
     if not 1 <= spec.quality.k < spec.quality.n_samples:
         raise SpecError("quality.k", f"= {spec.quality.k} is invalid: allowed 1 <= k < n_samples")
     _check_samplers(spec, sde)

@@ -55,15 +55,14 @@ def _curve(rows: list[dict[str, Any]], sampler: str, config: tuple[float, str, s
 
 
 def figure_quality(rows: list[dict[str, Any]]) -> Any:
-    """Fréchet distance (bootstrap CI) against NFE, one panel per sampler, one curve per (T', source, prior)."""
+    """Fréchet distance (jackknife interval) against NFE, one panel per sampler, one curve per (T', source, prior)."""
     plt = _pyplot()
     samplers = list(dict.fromkeys(r["sampler"] for r in rows))
     fig, axes = plt.subplots(1, len(samplers), figsize=(5.5 * len(samplers), 4), squeeze=False)
     for axis, sampler in zip(axes[0], samplers):
         for config in configs(rows):
             chosen = _curve(rows, sampler, config)
-            # a percentile interval of a biased statistic (FD) need not contain the estimate: draw
-            # the interval itself, not error bars around the point
+            # draw the interval itself, not symmetric error bars around the point
             nfe = [r["nfe"] for r in chosen]
             line, = axis.plot(nfe, [r["fd"] for r in chosen], marker="o", label=config_name(chosen[0]))
             axis.vlines(nfe, [r["fd_low"] for r in chosen], [r["fd_high"] for r in chosen], color=line.get_color(),

@@ -15,30 +15,36 @@ def _pm(value: float, se: float) -> str:
     return f"{value:.3f} ± {se:.3f}" if not math.isnan(se) else f"{value:.3f}"
 
 
-def _ci(row: dict[str, Any], key: str, digits: int = 2) -> str:
-    return f"{row[key]:.{digits}f} [{row[key + '_low']:.{digits}f}, {row[key + '_high']:.{digits}f}]"
+def _ci(row: dict[str, Any], key: str, style: str = ".2f") -> str:
+    return f"{row[key]:{style}} [{row[key + '_low']:{style}}, {row[key + '_high']:{style}}]"
+
+
+def _settings(plan: Plan, first: dict[str, Any]) -> str:
+    """The paragraph under the title: what was measured, on what, with which intervals."""
+    from difftime.quality import interval_note
+
+    accuracy = f", test accuracy {first['extractor_test_accuracy']:.4f}" if first["extractor_test_accuracy"] is not None else ""
+    return (f"Spec `{plan.spec_path.name}`; {len(plan.units) - 1} units. bits/dim: ELBO on the first "
+            f"{first['bpd_n']} validation data (`callbacks.BitsPerDim`, n_t = {plan.spec.bpd.n_t}), ± one standard "
+            f"error. Quality (`difftime.quality.quality_row`): Fréchet distance (FD, jackknife bias-corrected), KID "
+            f"(Bińkowski et al. 2018) and precision/recall (Kynkäänniemi et al. 2019) against the "
+            f"{first['reference']}{accuracy}, seed {plan.spec.quality.seed}. {interval_note(first)} Costs on this "
+            "machine: training wall time (all attempts, start-up included) and steps, sampling wall time per sample, "
+            "the prior's draw time per sample.")
 
 
 def report_markdown(plan: Plan, rows: list[dict[str, Any]], figures: list[str]) -> str:
     """report.md: settings, the main table, the bits/dim table, costs, findings, figures."""
-    q, first = plan.spec.quality, rows[0]
-    accuracy = f", test accuracy {first['extractor_test_accuracy']:.4f}" if first["extractor_test_accuracy"] is not None else ""
     lines = [f"# T study: {plan.spec.name}", "", *([plan.spec.note.strip(), ""] if plan.spec.note else []),
-             f"Spec `{plan.spec_path.name}`; {len(plan.units) - 1} units. bits/dim: ELBO on the first "
-             f"{first['bpd_n']} validation data (`callbacks.BitsPerDim`, n_t = {plan.spec.bpd.n_t}), ± one standard "
-             f"error. Quality: Fréchet distance (FD) and precision/recall (Kynkäänniemi et al. 2019, k = {q.k}) of "
-             f"{first['n_samples']} samples against the {first['n_reference']} items of the {first['reference']}, in "
-             f"the features of the {first['extractor']}{accuracy}; [{q.level:.0%} percentile bootstrap interval, "
-             f"{q.resamples} resamples, seed {q.seed}]. Costs on this machine: training wall time (all attempts, "
-             "start-up included) and steps, sampling wall time per sample, the prior's draw time per sample.", "",
-             "## Main table", "",
-             "| T' | score model | prior | sampler | NFE | bpd (ELBO) | FD | precision | recall | train s (steps) | aux s (steps) | sample s/sample | prior ms/sample |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             _settings(plan, rows[0]), "", "## Main table", "",
+             "| T' | score model | prior | sampler | NFE | bpd (ELBO) | FD | KID | precision | recall | train s (steps) "
+             "| aux s (steps) | sample s/sample | prior ms/sample |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         source = "trained" if r["source"] == "trained" else f"trunc. from {r['T_train']:g}"
         aux = f"{r['aux_train_s']:.0f} ({r['aux_train_steps']})" if r["aux_train_steps"] else "-"
         lines.append(f"| {r['T']:g} | {source} | {r['prior']} | {r['sampler']} | {r['nfe']} | "
-                     f"{_pm(r['bpd_elbo'], r['bpd_elbo_se'])} | {_ci(r, 'fd')} | {_ci(r, 'precision')} | "
+                     f"{_pm(r['bpd_elbo'], r['bpd_elbo_se'])} | {_ci(r, 'fd')} | {_ci(r, 'kid', '.3g')} | {_ci(r, 'precision')} | "
                      f"{_ci(r, 'recall')} | {r['score_train_s']:.0f} ({r['score_train_steps']}) | {aux} | "
                      f"{r['sample_s_per_sample']:.4f} | {r['prior_ms_per_sample']:.3f} |")
     lines += ["", "## Bits/dim and its terms", "", "bpd_elbo = bpd_prior + bpd_diffusion - bpd_reconstruction.", "",

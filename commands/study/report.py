@@ -23,9 +23,10 @@ from commands.study.units import say
 
 CSV_KEYS = ("T", "T_train", "source", "prior", "sampler", "steps", "nfe", "bpd_elbo", "bpd_elbo_se", "bpd_prior",
             "bpd_prior_se", "bpd_diffusion", "bpd_diffusion_se", "bpd_reconstruction", "bpd_ode", "bpd_n", "fd",
-            "fd_low", "fd_high", "precision", "precision_low", "precision_high", "recall", "recall_low",
-            "recall_high", "n_samples", "reference", "n_reference", "extractor", "extractor_test_accuracy", "k",
-            "bootstrap_resamples", "ci_level", "fid_inception", "score_train_s", "score_train_steps",
+            "fd_low", "fd_high", "fd_plugin", "kid", "kid_low", "kid_high", "precision", "precision_low",
+            "precision_high", "recall", "recall_low", "recall_high", "n_samples", "reference", "n_reference",
+            "extractor", "extractor_test_accuracy", "k", "ci_level", "jackknife_groups", "fd_interval_method",
+            "kid_interval_method", "pr_interval_method", "fid_inception", "score_train_s", "score_train_steps",
             "aux_train_s", "aux_train_steps", "sample_wall_s", "sample_s_per_sample", "prior_ms_per_sample", "unit")
 BPD_KEYS = ("bpd_elbo", "bpd_elbo_se", "bpd_prior", "bpd_prior_se", "bpd_diffusion", "bpd_diffusion_se",
             "bpd_reconstruction")
@@ -129,18 +130,13 @@ def reference_data(data: Any, split: str) -> Any:
 
 
 def quality_row(space: FeatureSpace, samples: Any, q: QualitySpec) -> dict[str, Any]:
-    """Fréchet distance and precision/recall with bootstrap intervals, and what they were computed with."""
+    """:func:`difftime.quality.quality_row` of the samples' features (FD, KID, precision, recall with
+    intervals and their methods), with the reference set and the extractor's test accuracy."""
     from difftime import quality
 
-    fake = space.features(samples)
-    fd = quality.fd_interval(space.reference, fake, q.resamples, q.level, q.seed)
-    precision, recall = quality.precision_recall_intervals(space.reference, fake, q.k, q.resamples, q.level, q.seed)
-    return {"fd": fd.estimate, "fd_low": fd.low, "fd_high": fd.high,
-            "precision": precision.estimate, "precision_low": precision.low, "precision_high": precision.high,
-            "recall": recall.estimate, "recall_low": recall.low, "recall_high": recall.high,
-            "n_samples": len(samples), "reference": space.reference_name, "n_reference": space.n_reference,
-            "extractor": space.name, "extractor_test_accuracy": space.accuracy, "k": q.k,
-            "bootstrap_resamples": q.resamples, "ci_level": q.level}
+    row = quality.quality_row(space.reference, space.features(samples), space.name, level=q.level, groups=q.resamples,
+                              k=q.k, seed=q.seed)
+    return row | {"reference": space.reference_name, "extractor_test_accuracy": space.accuracy}
 
 
 def collect_rows(plan: Plan) -> list[dict[str, Any]]:
