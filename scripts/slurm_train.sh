@@ -69,5 +69,11 @@ choose RUN_NAME --trainer.logger.init_args.version
 cd "${SLURM_SUBMIT_DIR}"
 source "${VENV:-.venv}/bin/activate"
 
-# srun starts one process per task; `exec` so the signals reach python directly.
-exec srun --kill-on-bad-exit=1 python train.py fit "${defaults[@]}" --config "${CONFIG}" "$@" "${explicit[@]}"
+# srun starts one process per task; `exec` so the signals reach python directly. Each task starts
+# with SIGUSR1 ignored (an ignored signal stays ignored across exec): the Preemption callback
+# handles it while training, and before (imports, setup) and after (teardown, exit) the warning
+# cannot kill the process. SLURM sends it up to a minute early, and Lightning's teardown restores
+# the handlers found at the start of fit: with SIGUSR1's default action a job whose training had
+# finished was killed by the warning (exit 138) and marked FAILED.
+exec srun --kill-on-bad-exit=1 bash -c 'trap "" USR1; exec "$@"' train-task \
+    python train.py fit "${defaults[@]}" --config "${CONFIG}" "$@" "${explicit[@]}"

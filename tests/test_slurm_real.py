@@ -6,6 +6,8 @@ Independent answers: an uninterrupted run of the same config (every tensor of th
 optimizer state bit for bit), the local executor's run of the same study spec, and SLURM's own
 job records (``scontrol show job``: JobState, Restarts, ExitCode, start and end times).
 
+Also: a SIGUSR1 that arrives before training starts does not kill the job.
+
 The scenarios run side by side: one module fixture submits them all at once and each test waits
 for its own (the node shares its 2 CPUs among up to 8 jobs that mostly wait). Without a running
 cluster every test here is skipped with the reason (``tests/conftest.py``). Also here, unmarked:
@@ -173,6 +175,20 @@ def time_limit(folder: Path) -> dict:
             "requeued_after": requeued_after}
 
 
+def warning_at_startup(folder: Path) -> dict:
+    """SIGUSR1 while train.py still imports (SLURM sends --signal=USR1@N up to a minute early)."""
+    job_id = submit_train(folder, "early", 0.0)
+    steps = ["squeue", "-h", "-s", "-j", job_id, "-o", "%i"]
+    wait_until(lambda: f"{job_id}.0" in subprocess.run(steps, capture_output=True, text=True).stdout.split(), TIMEOUT,
+               "srun's step")
+    time.sleep(1.0)  # the task's shell has set the disposition; python takes seconds to import
+    runs = folder / "runs" / "early"
+    sent = subprocess.run(["scancel", "--signal=USR1", job_id], capture_output=True, text=True)
+    assert sent.returncode == 0, sent.stderr
+    early = not any(runs.glob("*/checkpoints/*.ckpt"))
+    return {"job": job_id, "record": wait_finished(job_id, TIMEOUT)[0], "runs": runs, "early": early}
+
+
 def reference_run(folder: Path) -> Path:
     """The same config uninterrupted, outside SLURM: the independent answer for scenarios 1 and 4."""
     env = {k: v for k, v in job_env().items() if not k.startswith("SLURM")}
@@ -250,7 +266,8 @@ def scenarios(tmp_path_factory):
     folder = tmp_path_factory.mktemp("slurm")
     started = time.monotonic()
     running = {"reference": Scenario(reference_run, folder), "preempt": Scenario(preempt_after_checkpoints, folder),
-               "timelimit": Scenario(time_limit, folder), "study": Scenario(study_on_slurm, folder),
+               "timelimit": Scenario(time_limit, folder), "early": Scenario(warning_at_startup, folder),
+               "study": Scenario(study_on_slurm, folder),
                "local": Scenario(study_local, folder), "failing": Scenario(failing_task, folder)}
     yield running
     for scenario in running.values():
@@ -330,6 +347,17 @@ def test_time_limit_signal_checkpoints_and_requeues_before_the_kill(scenarios):
     stopped = torch.load(run / "checkpoints" / "preempt.ckpt", map_location="cpu", weights_only=True)["global_step"]
     assert 0 < stopped < MAX_STEPS  # the first attempt (0.3 s a step) could not have finished
     assert_same_training_state(run / "checkpoints" / "last.ckpt", reference)
+
+
+@pytest.mark.slurm
+def test_a_warning_before_training_starts_does_not_kill_the_job(scenarios):
+    """The template starts each task with SIGUSR1 ignored until the Preemption callback takes it over:
+    the job neither dies of the signal (exit 138, FAILED) nor is requeued, and trains to the end."""
+    done, reference = scenarios["early"].result(), scenarios["reference"].result()
+    assert done["early"]  # the signal went out before the first checkpoint
+    record = done["record"]
+    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "0")
+    assert_same_training_state(done["runs"] / f"slurm-{done['job']}" / "checkpoints" / "last.ckpt", reference)
 
 
 @pytest.mark.slurm
@@ -453,7 +481,7 @@ def test_train_template_defaults_come_before_the_users_arguments(tmp_path):
     run = template(tmp_path, ["configs/cifar10.yaml", "--trainer.max_steps=5"])
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == [
-        "--kill-on-bad-exit=1", "python", "train.py", "fit", "--trainer.accelerator", "gpu", "--trainer.devices", "4",
+        "--kill-on-bad-exit=1", "bash", "-c", 'trap "" USR1; exec "$@"', "train-task", "python", "train.py", "fit", "--trainer.accelerator", "gpu", "--trainer.devices", "4",
         "--trainer.num_nodes", "2", "--trainer.strategy", "ddp", "--config", "configs/cifar10.yaml",
         "--trainer.max_steps=5"]
 
