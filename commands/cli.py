@@ -14,10 +14,15 @@ What this entry point adds to LightningCLI:
   comes from the checkpoint; the evaluation (sampler, steps, prior, callbacks, T') comes from the
   command line; a command-line value that contradicts the checkpoint is an error naming the key
   and both values. (LightningCLI's own ``_parse_ckpt_path`` silently overwrote the command line.)
-* A stable run directory ``<save_dir>/<name>/<version>`` locked by one ``fit`` at a time: a
-  requeued job (same command) resumes automatically from the newest valid checkpoint there;
-  ``--ckpt_path last`` does the same and, with an auto-numbered logger version, continues the
-  latest existing version instead of silently starting a new one from scratch. Corrupt
+* A mistyped key is one line naming the full key and the closest valid one (``did you mean``);
+  option prefixes are never expanded (``--trainer.max_step`` is not ``max_steps``); the
+  ``limit_*_batches`` and ``overfit_batches`` counts stay counts (``1`` is one batch, ``1.0`` all).
+  Every config error is reported before any checkpoint problem.
+* A stable run directory ``<save_dir>/<name>/<version>`` locked by one ``fit`` at a time
+  (:mod:`commands.run_folder`): a fit into a folder that already holds a run resumes it from
+  the newest valid checkpoint and says so after Lightning's banner (run, step; nothing left to
+  train at ``max_steps``), so a requeued job resumes with the same command; ``--ckpt_path last``
+  with an auto-numbered logger version continues the latest existing version. Corrupt
   checkpoints are moved aside to ``<name>.corrupt``; if every checkpoint is invalid the run
   refuses to start unless ``--fresh_start true``. Orphan temp files are removed.
 * The training config is written once (``config.yaml``); a resumed ``fit`` and every
@@ -35,155 +40,27 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-import time
-import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
 from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from callbacks.checkpoint_io import KeepLastCheckpointName, SafeCheckpointIO
 from callbacks.preemption import Preempted, Preemption
 from callbacks.progress import DifftimeProgressBar
-from commands.run_lock import RunFolderLock, RunFolderLocked
-from commands.runs import RunError, checkpoint_conflicts, load_checkpoint
-from difftime.checkpoints import (CorruptCheckpointError, checkpoint_step, check_loadable, quarantine,
-                                  remove_orphan_temp_files, scan_checkpoints)
-from difftime.utils import ConfigError
+from commands.config_errors import (CliError, CliFailed, check_writable, config_error, constructor_error, find_key,
+                                    one_line)
+from commands.run_folder import LOCKS, STAMP_ENV, RunConfigWriter, RunFolder, is_first_process
+from commands.runs import checkpoint_conflicts
+
+__all__ = ["CliError", "CliFailed", "DifftimeCLI", "RunConfigWriter", "build_cli", "cli_main", "main"]
 
 FAULT_EXIT = 3  # exit status of a run stopped by max_consecutive_skips
-_LOCKS: list[RunFolderLock] = []  # released by main(), also when it raises
-_STAMP_ENV = "DIFFTIME_RUN_STAMP"  # inherited by DDP worker processes: one name for all ranks
-
-
-class CliError(RuntimeError):
-    """A problem with what the user asked for, reported as one line before any work."""
-
-
-class CliFailed(Exception):
-    """The command line was refused before any work; ``str()`` is the one-line reason.
-
-    :func:`main` prints it as ``train.py: error: <reason>`` and exits with status 2;
-    :func:`build_cli` raises it, so other commands (``sample.py``) report it as their own.
-    """
-
-
-def _find_key(config: Any, error: ConfigError, path: str = "") -> str | None:
-    """Config path of the ``init_args`` entry that raised ``error`` (matched by class and key)."""
-    if isinstance(config, dict):
-        class_path = str(config.get("class_path", ""))
-        init_args = config.get("init_args") or {}
-        if error.owner and class_path.rsplit(".", 1)[-1] == error.owner and error.key in init_args:
-            return f"{path}init_args.{error.key}"
-        for key, value in config.items():
-            found = _find_key(value, error, f"{path}{key}.")
-            if found:
-                return found
-    elif isinstance(config, (list, tuple)):
-        for i, value in enumerate(config):
-            found = _find_key(value, error, f"{path}{i}.")
-            if found:
-                return found
-    return None
-
-
-def _config_error(error: BaseException | None) -> ConfigError | None:
-    """The ConfigError behind an exception (jsonargparse wraps errors raised in constructors)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, ConfigError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _constructor_error(error: BaseException) -> str | None:
-    """The reason a constructor gave, when jsonargparse wrapped it in a many-line Union dump.
-
-    jsonargparse reports a ``ValueError`` raised while instantiating a ``class_path`` as one error
-    per Union subtype, with the whole namespace; the constructor's own message (the innermost
-    ``ValueError`` of the chain, e.g. an auxiliary prior trained at another T) is the one line
-    that matters. Anything else is a bug and keeps its traceback.
-    """
-    innermost, seen = None, set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        innermost = error
-        error = error.__cause__ or error.__context__
-    if innermost is None or not isinstance(innermost, ValueError) or "\n" in str(innermost):
-        return None
-    return str(innermost)
-
-
-def _latest_version(root: Path) -> str | None:
-    versions = [(int(m.group(1)), p.name) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    return max(versions)[1] if versions else None
-
-
-def _stamp() -> str:
-    """Time stamp naming this invocation's config and evaluation folder (shared by all ranks)."""
-    return os.environ.setdefault(_STAMP_ENV, time.strftime("%Y%m%d-%H%M%S"))
-
-
-def _first_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def check_writable(directory: Path, key: str) -> None:
-    """The folder (or the nearest existing parent it will be created in) must be writable."""
-    existing = _first_existing(Path(directory))
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise CliError(f"config key '{key}': the checkpoint folder {directory} cannot be created or written "
-                       f"({existing} is {'not writable' if existing.is_dir() else 'not a folder'})")
-
-
-def _is_first_process() -> bool:
-    """Rank 0 of the job (DDP workers and other SLURM tasks do not take the run lock)."""
-    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
-
-
-class RunConfigWriter(SaveConfigCallback):
-    """Write the resolved config of this invocation without ever replacing another.
-
-    The first ``fit`` of a run writes ``config.yaml``; a resumed ``fit`` and every
-    ``validate/test/predict`` write ``config-<subcommand>-<time>.yaml`` next to it, so the
-    training config of a run is kept (a ``predict`` config in its place made the README's
-    ``validate --config <run>/config.yaml`` fail). Evaluations log into a sub-folder of the run
-    (TensorBoard ``sub_dir``); the config still goes to the run folder itself.
-    """
-
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self.already_saved:
-            return
-        log_dir = trainer.log_dir  # a broadcast under DDP: every rank asks
-        if trainer.is_global_zero and log_dir is not None:
-            run_dir = Path(log_dir).parent if getattr(trainer.logger, "sub_dir", None) else Path(log_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            path = self._target(run_dir, str(getattr(stage, "value", stage)))
-            with warnings.catch_warnings():  # skip_none: as LightningCLI itself saves (keeps nulls)
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self.parser.save(self.config, str(path), skip_none=False, overwrite=False, multifile=self.multifile)
-        self.already_saved = trainer.strategy.broadcast(True)
-
-    @staticmethod
-    def _target(run_dir: Path, stage: str) -> Path:
-        if stage == "fit" and not (run_dir / "config.yaml").exists():
-            return run_dir / "config.yaml"
-        base, n = f"config-{stage}-{_stamp()}", 0
-        path = run_dir / f"{base}.yaml"
-        while path.exists():
-            n += 1
-            path = run_dir / f"{base}-{n}.yaml"
-        return path
 
 
 def _names(folder: Path) -> str:
@@ -211,10 +88,50 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """jsonargparse's help (types, defaults) with descriptions printed as written."""
 
 
-class DifftimeCLI(LightningCLI):
-    run_dir: Path | None = None
-    checkpoint_step: int | None = None  # global step of the --ckpt_path checkpoint
-    checkpoint_record: dict[str, Any] | None = None  # its "difftime" entry (SDE, data shape)
+class CountingTrainer(Trainer):
+    """Lightning's Trainer with the ``limit_*_batches`` typed count first (``int | float``).
+
+    Lightning types them ``float | int``, so the parser turned ``--trainer.limit_val_batches 1``
+    and ``limit_val_batches: 1`` into ``1.0``, i.e. *all* batches. Here ``1`` is one batch and
+    ``1.0`` all of them, as Lightning's own docs read.
+    """
+
+    def __init__(self, *, limit_train_batches: int | float | None = None, limit_val_batches: int | float | None = None,
+                 limit_test_batches: int | float | None = None, limit_predict_batches: int | float | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(limit_train_batches=limit_train_batches, limit_val_batches=limit_val_batches,
+                         limit_test_batches=limit_test_batches, limit_predict_batches=limit_predict_batches, **kwargs)
+
+
+class DifftimeParser(LightningArgumentParser):
+    """Refusals as one line (:func:`commands.config_errors.one_line`), raised as :class:`CliFailed`.
+
+    Option prefixes are never expanded (``allow_abbrev=False``): ``--trainer.max_step 10`` is an
+    unknown option, not ``max_steps``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:  # type: ignore[override]
+        if not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        raise CliFailed(one_line(message, _option_strings(parser)))
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """Every ``--option`` of ``parser`` and of its subcommand parsers."""
+    found = [o for o in parser._option_string_actions if o.startswith("--")]
+    for action in parser._actions:
+        for sub in (getattr(action, "_name_parser_map", None) or {}).values():
+            found += _option_strings(sub)
+    return found
+
+
+class DifftimeCLI(RunFolder, LightningCLI):
+    """LightningCLI with the config checks of this module and the run folder of :mod:`commands.run_folder`."""
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """Every parser keeps the line breaks of its description (the config list of :func:`help_text`)."""
@@ -229,164 +146,32 @@ class DifftimeCLI(LightningCLI):
                             help="fit: when every checkpoint of the run folder is invalid, start from step 0 "
                                  "instead of refusing (a valid checkpoint is still resumed)")
 
-    # ------------------------------------------------------------------ checkpoint and run directory
-    def _parse_ckpt_path(self) -> None:
-        """Replaces LightningCLI's: verify, compare, import nothing, overwrite nothing.
-
-        Runs before the classes are instantiated: the resume checkpoint of ``fit`` is chosen
-        here, and the chosen file is verified and compared with the command line.
-        """
-        subcommand = self.config.get("subcommand")
-        if not subcommand:
-            return
-        config = self.config[subcommand]
-        self._corrupt: list[Path] = []
-        try:
-            if subcommand == "fit":
-                self.run_dir = self._pin_run_dir(config)
-                self._resolve_resume(config)
-            else:
-                self._evaluation_dir(config, subcommand)
-            ckpt = config.get("ckpt_path")
-            if ckpt and (subcommand == "fit" or ckpt not in ("last", "best", "hpc", "registry")):
-                self._apply_checkpoint(config, Path(ckpt), subcommand)
-        except (CliError, RunError, CorruptCheckpointError, FileNotFoundError) as error:
-            self._fail(error)
-
-    @staticmethod
-    def _fail(error: BaseException | str) -> NoReturn:
-        raise CliFailed(str(error)) from None
-
-    def _logger_config(self, config: Any) -> Any | None:
-        logger = config.trainer.get("logger")
-        if isinstance(logger, list):
-            logger = logger[0] if logger else None
-        if logger is None or isinstance(logger, bool) or "TensorBoardLogger" not in str(logger.get("class_path", "")):
-            return None
-        return logger
-
-    def _pin_run_dir(self, config: Any) -> Path | None:
-        """Run directory save_dir/name/version; an unset version is pinned when resuming."""
-        logger = self._logger_config(config)
-        if logger is None:
-            root = config.trainer.get("default_root_dir") or os.getcwd()
-            return Path(root)
-        args = logger.init_args
-        root = Path(args.get("save_dir") or ".") / (args.get("name") or "lightning_logs")
-        if args.get("version") in (None, ""):
-            slurm_job = os.environ.get("SLURM_JOB_ID")
-            latest = _latest_version(root)
-            if slurm_job:
-                args.version = f"slurm-{slurm_job}"
-            elif config.get("ckpt_path") == "last" and latest is not None:
-                args.version = latest  # continue the latest run, never a new empty one
-            else:
-                return None  # a fresh auto-numbered run: nothing to resume
-        version = args.version if isinstance(args.version, str) else f"version_{args.version}"
-        return root / version
-
-    def _evaluation_dir(self, config: Any, subcommand: str) -> None:
-        """validate/test/predict log into ``<run>/<subcommand>-<time>/``, never into the training
-        run's own event files, and no evaluation overwrites the outputs of another."""
-        logger = self._logger_config(config)
-        if logger is not None and not logger.init_args.get("sub_dir"):
-            logger.init_args.sub_dir = f"{subcommand}-{_stamp()}"
-
-    def _resolve_resume(self, config: Any) -> None:
-        requested = config.get("ckpt_path")
-        if requested not in (None, "last"):
-            config.ckpt_path = str(self._explicit_fit_checkpoint(Path(requested)))
-            self._purge_after(config, Path(config.ckpt_path))
-            return
-        if self.run_dir is None:
-            config.ckpt_path = None
-            return
-        ckpt_dir = self.run_dir / "checkpoints"
-        scan = scan_checkpoints(ckpt_dir)
-        for path, reason in scan.invalid:
-            warnings.warn(f"skipping unusable checkpoint {path}: {reason}", stacklevel=2)
-        self._corrupt += [path for path, _ in scan.invalid]
-        if scan.chosen is None:
-            if scan.invalid and not config.get("fresh_start"):
-                names = ", ".join(str(p) for p, _ in scan.invalid)
-                raise CliError(f"every checkpoint of the run folder {self.run_dir} is invalid ({names}); "
-                               "refusing to restart it from step 0. Pass --fresh_start true to start over "
-                               "(the invalid files are moved aside to <name>.corrupt), or choose another "
-                               "--trainer.logger.init_args.version")
-            config.ckpt_path = None
-            return
-        print(f"train.py: resuming from {scan.chosen} (newest valid checkpoint of this run; choose another "
-              "--trainer.logger.init_args.version to start a new run)", file=sys.stderr)
-        config.ckpt_path = str(scan.chosen)
-        self._purge_after(config, scan.chosen)
-
-    def _explicit_fit_checkpoint(self, path: Path) -> Path:
-        """An explicit corrupt ``--ckpt_path`` falls back to the newest valid checkpoint *before*
-        it (lower step, same folder), never to a newer one; none: refuse."""
-        try:
-            check_loadable(path)
-            return path
-        except CorruptCheckpointError as error:
-            match = re.search(r"step=(\d+)", path.name)
-            below = int(match.group(1)) if match and path.name != "last.ckpt" else None
-            scan = scan_checkpoints(path.parent, below=below, exclude=(path,))
-            if scan.chosen is None:
-                raise CliError(f"{error}; no valid checkpoint before it in {path.parent}") from None
-            warnings.warn(f"{error}; falling back to {scan.chosen}, the newest valid checkpoint before it", stacklevel=2)
-            self._corrupt += [path] + [p for p, _ in scan.invalid]
-            return scan.chosen
-
-    def _apply_checkpoint(self, config: Any, path: Path, subcommand: str) -> None:
-        """Verify the checkpoint, and refuse a command line that contradicts its trained model."""
-        if not path.is_file():
-            raise CliError(f"--ckpt_path {path}: checkpoint not found")
-        try:
-            state = load_checkpoint(path, mmap=True)
-        except CorruptCheckpointError as error:
-            if subcommand == "fit":
-                raise
-            before = scan_checkpoints(path.parent, exclude=(path,)).chosen
-            hint = f"; the newest other valid checkpoint there is {before}" if before else ""
-            raise CliError(f"{error}; refusing to {subcommand} it{hint}") from None
-        self.checkpoint_step = int(state.get("global_step", 0))
-        self.checkpoint_record = state.get("difftime")
-        conflicts = checkpoint_conflicts(state, config.model.as_dict())
-        if conflicts:
-            raise CliError(f"{'; '.join(conflicts)}. The trained model (network, training SDE, data shape) comes "
-                           f"from the checkpoint {path}: drop the override, or start a new run")
-
-    def _purge_after(self, config: Any, ckpt: Path) -> None:
-        """TensorBoard hides the events the interrupted run logged after the checkpoint.
-
-        Batch k (0-based) logs its training metrics at step k and the checkpoint taken after it
-        holds global_step k + 1, so everything at steps >= global_step is redone by the resumed run.
-        """
-        logger = self._logger_config(config)
-        if logger is not None:
-            dict_kwargs = logger.get("dict_kwargs") or {}
-            dict_kwargs["purge_step"] = checkpoint_step(ckpt)
-            logger["dict_kwargs"] = dict_kwargs
-
     # ------------------------------------------------------------------ instantiation and early checks
     def instantiate_classes(self) -> None:
+        """Build everything; the config's own errors first, then the checkpoint's, then the run folder."""
         try:
             super().instantiate_classes()
             self._check_before_work()
+        except CliFailed:
+            raise
         except CliError as error:
             self._fail(error)
         except Exception as raised:
-            error = _config_error(raised)
-            if error is None:
-                reason = _constructor_error(raised)
-                if reason is None:
-                    raise
-                self._fail(reason)
-            config = self.config[self.subcommand] if self.subcommand else self.config
-            key = _find_key(config.as_dict(), error)
-            message = error.with_prefix(key[: -len(error.key)]) if key else error
-            self._fail(message)
+            self._fail(self._refusal(raised))
         if self.subcommand == "fit":
             self._take_run_folder()
+
+    def _refusal(self, raised: Exception) -> str:
+        """The one-line reason a constructor refused the config (with the full key), or re-raise."""
+        error = config_error(raised)
+        if error is None:
+            reason = constructor_error(raised)
+            if reason is None:
+                raise raised
+            return reason
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        key = find_key(config.as_dict(), error)
+        return str(error.with_prefix(key[: -len(error.key)]) if key else error)
 
     def _check_before_work(self) -> None:
         """Everything that would otherwise fail after the process group started or hours in."""
@@ -399,10 +184,11 @@ class DifftimeCLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if hasattr(callback, "check_config"):
                 callback.check_config(self.trainer, self.model)
-        self._check_data_shape()
         if self.subcommand == "fit":
             self._check_learning_rate(config.model.as_dict())
             self._check_checkpoint_folder(config)
+        self.raise_deferred()  # the checkpoint's problems, once the config itself is valid
+        self._check_data_shape()
 
     def _check_data_shape(self) -> None:
         conflicts = checkpoint_conflicts({"difftime": self.checkpoint_record or {}},
@@ -429,23 +215,6 @@ class DifftimeCLI(LightningCLI):
             return check_writable(target / "checkpoints" if self.run_dir else target, "trainer.logger.init_args.save_dir")
         check_writable(Path(config.trainer.get("default_root_dir") or os.getcwd()), "trainer.default_root_dir")
 
-    def _take_run_folder(self) -> None:
-        """Lock the run folder (one fit at a time), then tidy it: corrupt files aside, temp files gone."""
-        if self.run_dir is None or not _is_first_process():
-            return
-        lock = RunFolderLock(self.run_dir)
-        try:
-            lock.acquire()
-        except RunFolderLocked as error:
-            self._fail(error)
-        _LOCKS.append(lock)
-        ckpt_dir = (self.run_dir / "checkpoints").resolve()
-        for path in self._corrupt:
-            if path.exists() and path.resolve().parent == ckpt_dir:
-                print(f"train.py: moved the corrupt checkpoint {path} aside to {quarantine(path)}", file=sys.stderr)
-        for path in remove_orphan_temp_files(ckpt_dir):
-            print(f"train.py: removed {path}, left by an interrupted checkpoint write", file=sys.stderr)
-
     def instantiate_trainer(self, **kwargs: Any):
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
@@ -466,18 +235,6 @@ class DifftimeCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     # ------------------------------------------------------------------ running
-    def _at_checkpoint_step(self) -> None:
-        """Evaluate at the checkpoint's step: ``trainer.global_step`` (which names every
-        evaluation output and logged point) is otherwise 0 outside ``fit``."""
-        if self.checkpoint_step is None:
-            return
-        loop = self.trainer.fit_loop.epoch_loop
-        loop.automatic_optimization.optim_progress.optimizer.step.total.completed = self.checkpoint_step
-        loop.manual_optimization.optim_step_progress.total.completed = self.checkpoint_step
-        loop._batches_that_stepped = self.checkpoint_step
-
-    before_validate = before_test = before_predict = _at_checkpoint_step
-
     def after_fit(self) -> None:
         """A run stopped by ``max_consecutive_skips`` fails, so a scheduler does not read it as done."""
         reason = getattr(self.model, "fault_stop", None)
@@ -499,12 +256,14 @@ def build_cli(args: list[str] | dict[str, Any] | None = None, run: bool = True) 
                               "callbacks": [Preemption(), KeepLastCheckpointName()]},
             save_config_callback=RunConfigWriter,
             auto_configure_optimizers=False,
+            trainer_class=CountingTrainer,
+            parser_class=DifftimeParser,
         )
     finally:
-        while _LOCKS:
-            _LOCKS.pop().release()
-        if _is_first_process():
-            os.environ.pop(_STAMP_ENV, None)  # the next in-process invocation gets its own time
+        while LOCKS:
+            LOCKS.pop().release()
+        if is_first_process():
+            os.environ.pop(STAMP_ENV, None)  # the next in-process invocation gets its own time
 
 
 def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DifftimeCLI:

@@ -17,8 +17,10 @@ values.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,12 +160,28 @@ def build(config_path: str | Path, prior: str | None = None, eval_T: float | Non
     config = run_config(config_path, prior, eval_T)
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees the caller's own arguments
     try:
-        cli = build_cli(args=config, run=False)
+        with _quiet_lightning():
+            cli = build_cli(args=config, run=False)
     except CliFailed as failure:
         raise RunError(f"{_option_named(failure, prior, eval_T)}{failure}") from None
     finally:
         sys.argv = argv
     return cli.model, cli.datamodule
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's INFO lines (``Seed set to``, the device banner) are not news when rebuilding a
+    run: a refused config stays one line on stderr."""
+    loggers = [logging.getLogger(name) for name in ("lightning.fabric", "lightning.pytorch")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _option_named(failure: Exception, prior: str | None, eval_T: float | None) -> str:

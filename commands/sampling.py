@@ -91,6 +91,12 @@ class SampleOptions:
             raise SampleError(f"--fit_sweeps must be >= 0, got {self.fit_sweeps}")
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise SampleError(f"--sampler {self.sampler!r} is not one of {', '.join(sorted(SAMPLERS))}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise SampleError(f"--device {self.device!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SampleError(f"--device {self.device}: no CUDA device is available here (use --device cpu)")
 
     @property
     def checkpoint(self) -> Path:

@@ -126,7 +126,7 @@ def test_short_quickstart_run_writes_loss_curve_and_sample_image(tmp_path, monke
     acc = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [0, 1, 2, 3]  # batch k logs at step k
-    assert {"val/loss", "train/grad_norm", "lr-Adam"} <= set(acc.Tags()["scalars"])
+    assert {"val/loss", "train/grad_norm", "train/lr-Adam"} <= set(acc.Tags()["scalars"])
     image = acc.Images("samples")[-1]
     assert image.step == 4 and image.width == image.height > 28
     assert (run / "samples/step=00000004.png").is_file() and (run / "config.yaml").is_file()

@@ -7,6 +7,7 @@ failed on the code before the fix.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -166,3 +167,98 @@ def test_a_truncated_mnist_file_is_named(tmp_path):
     dm = MNISTDataModule(root=str(tmp_path), download=False, val_size=6, batch_size=2)
     with pytest.raises(ValueError, match="train-images-idx3-ubyte is truncated"):
         dm.setup("fit")
+
+
+# ---------------------------------------------------------------------- issue 20: CLI traps
+def one_line_refusal(args: list[str], capsys, tmp_path: Path) -> str:
+    """``train.py`` refuses ``args`` with exit 2 and exactly one line on stderr, before any work."""
+    code, err = fails(args, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("train.py: error: "), err
+    assert not (tmp_path / "runs").exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["--model.init_args.sde.init_args.TT", "0.5"],
+     "config key 'model.init_args.sde.init_args.TT' is not an argument of difftime.sde.VPSDE; "
+     "did you mean 'model.init_args.sde.init_args.T'?"),
+    (["--data.init_args.batch_sise=3"],  # an argument of the datamodule's base class (through **kwargs)
+     "config key 'data.init_args.batch_sise' is not an argument of datamodules.ToyDataModule; "
+     "did you mean 'data.init_args.batch_size'?"),
+    (["--trainer.max_stepz", "10"], "unrecognized option --trainer.max_stepz (did you mean --trainer.max_steps?)"),
+    (["--model.init_args.sde.init_args.T=abc"], "config key 'model.init_args.sde.init_args.T': Expected a <class 'float'>"),
+], ids=["nested-class-key", "base-class-key", "trainer-option", "bad-type"])
+def test_unknown_keys_are_one_line_with_the_closest_valid_key(override, expected, tmp_path, monkeypatch, capsys):
+    """A nested typo was a 13-line jsonargparse dump with no "did you mean"."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, TOY, max_steps=2)
+    assert expected in one_line_refusal(["fit", "--config", str(config), *override], capsys, tmp_path)
+
+
+def test_unknown_key_in_a_config_file_names_the_closest_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, TOY, max_steps=2)
+    (tmp_path / "typo.yaml").write_text("trainer:\n  max_stepz: 3\n")
+    line = one_line_refusal(["fit", "--config", str(config), "--config", str(tmp_path / "typo.yaml")], capsys, tmp_path)
+    assert "config key 'trainer.max_stepz' is not accepted; did you mean 'trainer.max_steps'?" in line
+
+
+def test_option_prefixes_are_not_expanded(tmp_path, monkeypatch, capsys):
+    """``--trainer.max_step 10`` ran as ``max_steps 10`` (argparse's allow_abbrev)."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, TOY, max_steps=2)
+    line = one_line_refusal(["fit", "--config", str(config), "--trainer.max_step", "10"], capsys, tmp_path)
+    assert "unrecognized option --trainer.max_step (did you mean --trainer.max_steps?)" in line
+
+
+def test_limit_batches_one_is_one_batch_and_one_point_zero_all(tmp_path, monkeypatch):
+    """``--trainer.limit_val_batches 1`` was stored as 1.0, i.e. every batch (a 13-minute validation)."""
+    from commands import cli as train
+
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, TOY, max_steps=2)
+    (tmp_path / "one.yaml").write_text("trainer:\n  limit_val_batches: 1\n  limit_train_batches: 3\n")
+    parsed = {value: train.main(args=["--config", str(config), "--trainer.limit_val_batches", value], run=False)
+              for value in ("1", "1.0", "0.5")}
+    assert type(parsed["1"].trainer.limit_val_batches) is int and parsed["1"].trainer.limit_val_batches == 1
+    assert type(parsed["1.0"].trainer.limit_val_batches) is float and parsed["0.5"].trainer.limit_val_batches == 0.5
+    layered = train.main(args=["--config", str(config), "--config", str(tmp_path / "one.yaml")], run=False)
+    assert layered.trainer.limit_val_batches == 1 and type(layered.trainer.limit_val_batches) is int
+    assert layered.trainer.limit_train_batches == 3 and type(layered.trainer.limit_train_batches) is int
+    # what it means: one validation batch where the loader has several
+    cli = fit(tmp_path, monkeypatch, "--trainer.limit_val_batches=1", "--trainer.val_check_interval=2",
+              "--trainer.num_sanity_val_steps=0", "--data.init_args.eval_batch_size=16")
+    assert len(cli.datamodule.val_dataloader()) > 1 and cli.trainer.num_val_batches == [1]
+
+
+def test_a_fit_into_a_run_folder_says_it_resumes_and_when_nothing_is_left(tmp_path, monkeypatch, capsys):
+    """Running a config again resumed the old run with one line lost in Lightning's banner, and a run
+    already at max_steps stopped without training and without saying why."""
+    fit(tmp_path, monkeypatch)
+    capsys.readouterr()
+    cli = fit(tmp_path, monkeypatch, max_steps=4)
+    err = capsys.readouterr().err
+    run = Path("runs/toy/run")
+    assert cli.trainer.global_step == 4
+    assert re.search(rf"^train.py: RESUMING the run in {re.escape(str(run))} at step 2 of max_steps = 4 "
+                     rf"\(resuming from {re.escape(str(run / 'checkpoints'))}/\S+\.ckpt\)$", err, re.MULTILINE), err
+    assert "this folder already holds a run; for a new run pass --trainer.logger.init_args.version NAME" in err
+    cli = fit(tmp_path, monkeypatch, max_steps=4)
+    err = capsys.readouterr().err
+    assert cli.trainer.global_step == 4
+    assert f"train.py: NOTHING LEFT TO TRAIN: the run in {run} is already at step 4, max_steps = 4" in err
+    cli = fit(tmp_path, monkeypatch, "--trainer.logger.init_args.version=fresh", max_steps=1)
+    assert cli.trainer.global_step == 1 and "RESUMING" not in capsys.readouterr().err  # a new run starts at 0
+
+
+def test_a_config_error_is_reported_before_the_run_folder_checkpoint(tmp_path, monkeypatch, capsys):
+    """A bad T on a folder holding a run at T = 0.6 reported a checkpoint mismatch, not the invalid T."""
+    fit(tmp_path, monkeypatch)
+    code, err = fails(["fit", "--config", str(tmp_path / "config.yaml"), "--model.init_args.sde.init_args.T=1.5",
+                       "--trainer.max_steps=4"], capsys)
+    assert code == 2 and "config key 'model.init_args.sde.init_args.T' (VPSDE) = 1.5 is invalid: allowed" in err
+    assert "in the checkpoint" not in err
+    code, err = fails(["fit", "--config", str(tmp_path / "config.yaml"), "--model.init_args.sde.init_args.T=0.4",
+                       "--trainer.max_steps=4"], capsys)  # a valid value that contradicts the run: the checkpoint's turn
+    assert code == 2 and "'model.init_args.sde.init_args.T' = 0.4 on the command line, 0.6 in the checkpoint" in err

@@ -296,3 +296,5 @@ def test_option_errors_are_one_line(runs, tmp_path, capsys, monkeypatch):
     assert "--n must be >= 1, got 0" in sample_command(["--config", config, "--n", "0"], capsys, monkeypatch)
     assert "--sampler" in sample_command(["--config", config, "--sampler", "bogus"], capsys, monkeypatch)
     assert "--ste" in sample_command(["--config", config, "--ste", "3"], capsys, monkeypatch)  # no abbreviations
+    assert "--device 'gpu0' is not a device" in sample_command(["--config", config, "--device", "gpu0"], capsys,
+                                                                monkeypatch)
