@@ -262,3 +262,22 @@ def test_a_config_error_is_reported_before_the_run_folder_checkpoint(tmp_path, m
     code, err = fails(["fit", "--config", str(tmp_path / "config.yaml"), "--model.init_args.sde.init_args.T=0.4",
                        "--trainer.max_steps=4"], capsys)  # a valid value that contradicts the run: the checkpoint's turn
     assert code == 2 and "'model.init_args.sde.init_args.T' = 0.4 on the command line, 0.6 in the checkpoint" in err
+
+
+def test_the_resume_notice_comes_after_lightnings_banner(tmp_path, monkeypatch):
+    """``python train.py fit`` on a folder holding a run: the framed notice follows the device banner
+    (the old one-line note came before it and was lost)."""
+    import subprocess
+
+    from test_fault_tolerance import ROOT
+
+    fit(tmp_path, monkeypatch)
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", "--config", "config.yaml",
+                             "--trainer.max_steps=3"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**__import__("os").environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    err = result.stderr
+    rule = "train.py: " + "=" * 72
+    notice = err.index("train.py: RESUMING the run in")
+    assert err.index("GPU available") < notice < err.index("Restoring states from the checkpoint")
+    assert err[:notice].rstrip().endswith(rule) and err[notice:].split("\n")[2] == rule
