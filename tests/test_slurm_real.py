@@ -295,17 +295,27 @@ def tensors(value, prefix: str = "") -> dict[str, object]:
     return {prefix: value}
 
 
+# Lightning's progress counters that a resume from a checkpoint written at the last batch of an epoch
+# leaves one lower (the restarted epoch is not counted as ready/started again); seen when the time
+# limit's signal fell on step 234 = 3 epochs of 78 batches. Nothing is computed from them
+# (current_epoch is epoch_progress.current.completed, compared).
+EPOCH_START_COUNTERS = tuple(f"loops/fit_loop/epoch_progress/{scope}/{what}"
+                             for scope in ("total", "current") for what in ("ready", "started"))
+
+
 def assert_same_training_state(path: Path, reference: Path) -> int:
-    """Weights, EMA (``ema.*`` in the state dict), optimizer and scheduler state and the loop counters,
-    bit for bit; returns the number of tensors compared."""
+    """Weights, EMA (``ema.*`` in the state dict), optimizer and scheduler state, step, epoch and the
+    loop counters, bit for bit; returns the number of tensors compared."""
     a, b = (torch.load(p, map_location="cpu", weights_only=True) for p in (path, reference))
-    assert a["global_step"] == b["global_step"] == MAX_STEPS
+    assert a["global_step"] == b["global_step"] == MAX_STEPS and a["epoch"] == b["epoch"]
     assert any(k.startswith("ema.") for k in a["state_dict"])
     compared = 0
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "loops"):
         ta, tb = tensors(a[key], key), tensors(b[key], key)
         assert ta.keys() == tb.keys(), key
         for name, value in ta.items():
+            if name in EPOCH_START_COUNTERS:
+                continue
             if isinstance(value, torch.Tensor):
                 assert torch.equal(value, tb[name]), f"{name} differs from the uninterrupted run"
                 compared += 1
