@@ -2,7 +2,9 @@
 
 * :mod:`commands.cli`: ``train.py`` / ``difftime-train``, the LightningCLI with its config checks
   and run folder (version pinning, resume choice, checkpoint fallback, lock, tidy-up).
-* :mod:`commands.run_lock`: the run folder's lock (one ``fit`` at a time).
+* :mod:`commands.run_folder`: the run folder of ``fit`` (pinned version, resume and its notice,
+  checkpoint fallback, tidy-up); :mod:`commands.run_lock`: its lock (one ``fit`` at a time).
+* :mod:`commands.config_errors`: a refused config as one line naming the key (``did you mean``).
 * :mod:`commands.runs`: a trained run rebuilt from its config and checkpoint (``load_run``), and
   the one check that a checkpoint matches a config.
 * :mod:`commands.sampling`: ``sample.py`` / ``difftime-sample`` as functions (``sample(options)``).
