@@ -24,7 +24,7 @@ Writes ``benchmarks/results/quality_coverage.csv`` (one row per replication and 
 ``quality_coverage.md`` (coverage with its Wilson 95 % interval, mean estimate, truth, mean width).
 
     nice python benchmarks/quality_coverage.py [--reps 200] [--truth_reps 2000] [--sizes 200 500]
-        [--statistics precision recall]   # re-measure some; keep the others' rows
+        [--statistics pr_half]   # re-measure some groups of rows; keep the others'
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from difftime import quality
 OUT = Path(__file__).resolve().parent / "results"
 D = 64
 CONDITIONAL = "percentile bootstrap of the indicators given the manifolds"
-STATISTICS = ("fd", "kid", "precision", "recall")
+STATISTICS = ("fd", "kid", "pr_half", "pr_jackknife", "pr_conditional")  # groups of rows
 
 
 def scenario(d: int = D, seed: int = 123) -> dict[str, torch.Tensor]:
@@ -78,21 +78,31 @@ def truths(s: dict[str, torch.Tensor], n: int, truth_reps: int) -> dict[str, tup
 
 def intervals(real: torch.Tensor, fake: torch.Tensor, seed: int, resamples: int,
               statistics: set[str]) -> dict[tuple[str, str], quality.Interval]:
-    """Every (statistic, method) interval of one replication, for the chosen statistics."""
-    out = {}
+    """Every (statistic, method) interval of one replication, for the chosen groups of ``STATISTICS``."""
+    out: dict[tuple[str, str], quality.Interval] = {}
     if "fd" in statistics:
         out |= {("fd", "jackknife"): quality.fd_jackknife(real, fake, seed=seed),
                 ("fd", "basic bootstrap"): quality.fd_interval(real, fake, resamples, seed=seed),
                 ("fd", "percentile bootstrap"): quality.fd_percentile_interval(real, fake, resamples, seed=seed)}
     if "kid" in statistics:
         out[("kid", "jackknife")] = quality.kid_jackknife(real, fake, seed=seed)
-    if statistics & {"precision", "recall"}:
-        for method, pair in (("half", quality.precision_recall_half_sampling(real, fake, seed=seed)),
-                             ("jackknife", quality.precision_recall_jackknife(real, fake, seed=seed)),
-                             (CONDITIONAL, quality.precision_recall_intervals(real, fake, resamples=resamples,
-                                                                             seed=seed))):
+    for name, method, fn in (("pr_half", "half", quality.precision_recall_half_sampling),
+                             ("pr_jackknife", "jackknife", quality.precision_recall_jackknife),
+                             ("pr_conditional", CONDITIONAL, lambda x, y, seed: quality.precision_recall_intervals(
+                                 x, y, resamples=resamples, seed=seed))):
+        if name in statistics:
+            pair = fn(real, fake, seed=seed)
             out |= {("precision", method): pair[0], ("recall", method): pair[1]}
     return out
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -102,7 +112,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def run(sizes: list[int], reps: int, truth_reps: int, resamples: int, statistics: set[str]) -> list[dict]:
+def run(sizes: list[int], reps: int, truth_reps: int, resamples: int, statistics: set[str],
+        partial: Path | None = None) -> list[dict]:
+    """Every replication's rows; also appended to ``partial`` as they come (a killed run keeps them)."""
     s, rows = scenario(), []
     for n in sizes:
         truth, start = truths(s, n, truth_reps), time.perf_counter()
@@ -112,18 +124,21 @@ def run(sizes: list[int], reps: int, truth_reps: int, resamples: int, statistics
                              "estimate": iv.estimate, "low": iv.low, "high": iv.high, "truth": truth[stat][0],
                              "truth_mc_se": truth[stat][1], "covered": int(iv.low <= truth[stat][0] <= iv.high),
                              "contains_estimate": int(iv.low <= iv.estimate <= iv.high)})
+            if partial is not None:
+                _append(partial, [x for x in rows if x["n"] == n and x["rep"] == r])
             if (r + 1) % 20 == 0:
                 print(f"n={n}: {r + 1}/{reps} replications, {time.perf_counter() - start:.0f} s", flush=True)
     return rows
 
 
-def summary(rows: list[dict], reps: int, truth_reps: int, resamples: int, seconds: float) -> str:
+def summary(rows: list[dict], truth_reps: int, resamples: int, seconds: float, groups: list[str]) -> str:
     lines = ["# Coverage of the quality intervals (nominal 95 %)", "",
-             f"Gaussian features, d = {D}, n reference = n generated points; {reps} replications per n; "
+             f"Gaussian features, d = {D}, n reference = n generated points; independent replications per row as "
+             "counted in the coverage column; "
              f"bootstraps with {resamples} resamples; jackknife with 50 groups per set and Student-t "
              f"quantiles. Truth: closed forms for FD and KID, the mean over {truth_reps} fresh replications "
-             "for precision and recall (k = 3; Monte-Carlo s.e. shown). Made by `benchmarks/quality_coverage.py` "
-             f"in {seconds / 60:.0f} min on one CPU core.", "",
+             "for precision and recall (k = 3; Monte-Carlo s.e. shown). Made by `benchmarks/quality_coverage.py`; "
+             f"its last invocation measured {', '.join(groups)} in {seconds / 60:.0f} min on one CPU core.", "",
              "| n | statistic | interval method | coverage | Wilson 95 % | truth | mean estimate | mean width "
              "| estimate inside |", "|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["n"], r["statistic"], r["method"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
@@ -139,12 +154,19 @@ def summary(rows: list[dict], reps: int, truth_reps: int, resamples: int, second
     return "\n".join(lines) + "\n"
 
 
-def kept_rows(path: Path, chosen: set[str]) -> list[dict]:
-    """Rows of an earlier run for the statistics not measured now (numbers parsed back)."""
+def group(row: dict) -> str:
+    """The ``--statistics`` group a row belongs to."""
+    if row["statistic"] in ("fd", "kid"):
+        return row["statistic"]
+    return {"delete-half": "pr_half", "jackknife": "pr_jackknife"}.get(row["method"].split(" ")[0], "pr_conditional")
+
+
+def kept_rows(path: Path, chosen: set[str], sizes: set[int]) -> list[dict]:
+    """Rows of an earlier run for the groups and sizes not measured now (numbers parsed back)."""
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["statistic"] not in chosen]
+        rows = [r for r in csv.DictReader(f) if group(r) not in chosen or int(r["n"]) not in sizes]
     numbers = ("estimate", "low", "high", "truth", "truth_mc_se")
     return [{**r, **{k: float(r[k]) for k in numbers}, **{k: int(r[k]) for k in ("n", "rep", "covered", "contains_estimate")}}
             for r in rows]
@@ -162,16 +184,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    chosen = set(args.statistics) | ({"precision", "recall"} if set(args.statistics) & {"precision", "recall"} else set())
-    rows = run(args.sizes, args.reps, args.truth_reps, args.resamples, chosen)
+    chosen = set(args.statistics)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = kept_rows(args.out / "quality_coverage.csv", chosen) + rows
+    partial = args.out / "quality_coverage.partial.csv"
+    partial.unlink(missing_ok=True)
+    rows = run(args.sizes, args.reps, args.truth_reps, args.resamples, chosen, partial)
+    rows = kept_rows(args.out / "quality_coverage.csv", chosen, set(args.sizes)) + rows
     with open(args.out / "quality_coverage.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    text = summary(rows, args.reps, args.truth_reps, args.resamples, time.perf_counter() - start)
+    text = summary(rows, args.truth_reps, args.resamples, time.perf_counter() - start, args.statistics)
     (args.out / "quality_coverage.md").write_text(text)
+    partial.unlink()
     print(text)
 
 
