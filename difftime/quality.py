@@ -371,9 +371,10 @@ def quality_row(reference: Tensor, samples: Tensor, extractor: str, level: float
     (:func:`kid_jackknife`); both with ``groups`` groups per set. Precision and recall (k-NN
     manifolds with ``k``): delete-half jackknife with ``groups`` halves per set
     (:func:`precision_recall_half_sampling`). ``reference: [M, F]`` and ``samples: [N, F]`` are
-    features of the same extractor, named by ``extractor``. Keys: ``fd fd_low fd_high fd_plugin kid kid_low kid_high precision precision_low
-    precision_high recall recall_low recall_high n_samples n_reference extractor k ci_level
-    jackknife_groups fd_interval_method kid_interval_method pr_interval_method``.
+    features of the same extractor, named by ``extractor``. Keys: ``fd fd_low fd_high fd_plugin
+    kid kid_low kid_high precision precision_low precision_high recall recall_low recall_high
+    n_samples n_reference extractor k ci_level jackknife_groups fd_interval_method
+    kid_interval_method pr_interval_method``. Cost: about ``4 * groups`` evaluations of each metric.
     """
     fd = fd_jackknife(reference, samples, groups, level, seed)
     kid = kid_jackknife(reference, samples, groups, level, seed)
