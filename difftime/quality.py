@@ -374,7 +374,7 @@ def quality_row(reference: Tensor, samples: Tensor, extractor: str, level: float
     features of the same extractor, named by ``extractor``. Keys: ``fd fd_low fd_high fd_plugin
     kid kid_low kid_high precision precision_low precision_high recall recall_low recall_high
     n_samples n_reference extractor k ci_level jackknife_groups fd_interval_method
-    kid_interval_method pr_interval_method``. Cost: about ``4 * groups`` evaluations of each metric.
+    kid_interval_method pr_interval_method``. Cost: ``2 * groups`` evaluations of each metric.
     """
     fd = fd_jackknife(reference, samples, groups, level, seed)
     kid = kid_jackknife(reference, samples, groups, level, seed)
