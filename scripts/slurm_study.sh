@@ -5,6 +5,7 @@
 #
 #   bash scripts/slurm_study.sh configs/study/cifar10.yaml
 #
-# Partitions: GPUS_PER_TASK (0 on a CPU partition), TIME_TRAIN, TIME_EVAL and PARTITION_ARGS (extra
-# sbatch options, e.g. "--partition=cpu --cpus-per-task=2", placed after the template's own).
-exec bash "$(cd "$(dirname "$0")/.." && pwd)/commands/study/slurm_study.sh" "$@"
+# It checks the spec and submits through the study command (PYTHON: the interpreter, `python` by
+# default). Partitions: GPUS_PER_TASK (0 on a CPU partition), CPUS_PER_TASK, TIME_TRAIN, TIME_EVAL
+# and PARTITION_ARGS (extra sbatch options, e.g. "--partition=cpu", placed after the template's own).
+exec "${PYTHON:-python}" -m commands.study --config "${1:?usage: bash scripts/slurm_study.sh STUDY_SPEC.yaml}" --executor slurm

@@ -97,8 +97,8 @@ def submit_train(folder: Path, name: str, sleep: float, *sbatch_args: str) -> st
 
 def study_env(folder: Path) -> dict[str, str]:
     """The study's SLURM template on the CPU node: no GPU request, one CPU per task, logs in ``folder``."""
-    return job_env(GPUS_PER_TASK="0", TIME_TRAIN="0:15:00", TIME_EVAL="0:15:00",
-                   PARTITION_ARGS=f"--cpus-per-task=1 --output={folder}/%x-%A_%a.out")
+    return job_env(GPUS_PER_TASK="0", CPUS_PER_TASK="1", TIME_TRAIN="0:15:00", TIME_EVAL="0:15:00",
+                   PARTITION_ARGS=f"--output={folder}/%x-%A_%a.out")
 
 
 def start_study(spec: Path, env: dict[str, str]) -> subprocess.Popen:

@@ -16,7 +16,7 @@ import sys
 
 from commands.study.check import check_device, check_fit_configs, load_spec
 from commands.study.estimates import Rates, estimate
-from commands.study.executors import announce, command, run_local, run_task, submit_slurm, write_task_list
+from commands.study.executors import announce, command, run_local, run_task, submit_slurm, task_unit, write_task_list
 from commands.study.plan import STAGES, Plan, Unit, make_plan
 from commands.study.records import OutputError, record_problem, status
 from commands.study.spec import SpecError
@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-unit", default=None, help="run one unit by id (what a worker does)")
     parser.add_argument("--task-list", choices=STAGES, default=None, help="SLURM: pin a stage's to-do units, print their count")
     parser.add_argument("--task", nargs=2, metavar=("STAGE", "INDEX"), default=None, help="SLURM: run one array task")
+    parser.add_argument("--task-unit", nargs=2, metavar=("STAGE", "INDEX"), default=None,
+                        help="SLURM: print the unit id an array task runs")
     return parser.parse_args(argv)
 
 
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> Plan:
         run_unit(plan, unit)
     elif args.task_list:
         print(write_task_list(plan, args.task_list))
+    elif args.task_unit:
+        print(task_unit(plan, args.task_unit[0], int(args.task_unit[1])))
     elif args.task:
         run_task(plan, args.task[0], int(args.task[1]))
     else:

@@ -48,10 +48,14 @@ def write_task_list(plan: Plan, stage: str) -> int:
     return len(todo)
 
 
+def task_unit(plan: Plan, stage: str, index: int) -> str:
+    """The id of the unit pinned to array index ``index`` of ``stage`` (:func:`write_task_list`)."""
+    return (plan.out / "slurm" / f"{stage}.units").read_text().split()[index]
+
+
 def run_task(plan: Plan, stage: str, index: int) -> None:
     """One SLURM array task: the ``index``-th pinned unit of ``stage``, unless it is done by now."""
-    units = (plan.out / "slurm" / f"{stage}.units").read_text().split()
-    unit = plan.units[units[index]]
+    unit = plan.units[task_unit(plan, stage, index)]
     state = status(unit)
     if state != "done":
         announce(unit, state)

@@ -16,11 +16,15 @@
 # * train (score models, classifier) and aux (auxiliary priors) are independent; evaluate waits
 #   for both (afterok), report for evaluate.
 #
-# GPUS_PER_TASK, TIME_TRAIN, TIME_EVAL, PARTITION_ARGS (e.g. "--partition=gpu") tune the jobs.
+# * a failed task prints its unit and its log (StdOut of `scontrol show job`) and exits non-zero;
+#   --kill-on-invalid-dep=yes then cancels the stages that depend on it.
+#
+# GPUS_PER_TASK (default 1; 0 leaves --gpus-per-task out, for a CPU partition), CPUS_PER_TASK
+# (default 8), TIME_TRAIN, TIME_EVAL and PARTITION_ARGS (extra sbatch options, e.g.
+# "--partition=gpu", placed after the template's own) tune the jobs.
 #SBATCH --job-name=difftime-study
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
-#SBATCH --cpus-per-task=8
 #SBATCH --signal=USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
@@ -36,18 +40,34 @@ if [[ "${1:-}" == "--task" ]]; then   # inside an array task (or the report job)
     if [[ "${STAGE}" == "report" ]]; then
         exec ${STUDY} --config "${SPEC}" --stage report
     fi
-    # exec + srun: SLURM's signals reach the study and the train.py it starts
-    exec srun --kill-on-bad-exit=1 ${STUDY} --config "${SPEC}" --task "${STAGE}" "${SLURM_ARRAY_TASK_ID}"
+    # srun: SLURM's signals reach the study and the train.py it starts. SIGUSR1 is ignored until
+    # train.py's Preemption callback installs its handler (its default action would kill the task
+    # during startup, or after the fit has finished).
+    STATUS=0
+    srun --kill-on-bad-exit=1 bash -c 'trap "" USR1; exec "$@"' "study-${STAGE}" \
+        ${STUDY} --config "${SPEC}" --task "${STAGE}" "${SLURM_ARRAY_TASK_ID}" || STATUS=$?
+    if [[ "${STATUS}" -ne 0 ]]; then
+        UNIT=$(${STUDY} --config "${SPEC}" --task-unit "${STAGE}" "${SLURM_ARRAY_TASK_ID}" 2>/dev/null || echo "?")
+        LOG=$(scontrol show job "${SLURM_JOB_ID}" 2>/dev/null | grep -o 'StdOut=[^ ]*' | cut -d= -f2- || true)
+        echo "study: unit ${UNIT} failed (exit status ${STATUS}); its log: ${LOG:-unknown}" >&2
+        exit "${STATUS}"
+    fi
+    exit 0
 fi
 
 SPEC=${1:?usage: bash slurm_study.sh STUDY_SPEC.yaml}
 GPUS=${GPUS_PER_TASK:-1}
+CPUS=${CPUS_PER_TASK:-8}
 EXTRA=${PARTITION_ARGS:-}
+GPU_ARGS=""
+if [[ "${GPUS}" != "0" ]]; then GPU_ARGS="--gpus-per-task=${GPUS}"; fi
+# a failed stage cancels the jobs that wait on it instead of leaving them pending forever
+after() { if [[ -n "$1" ]]; then echo "--dependency=afterok:$1 --kill-on-invalid-dep=yes"; fi; }
 submit() {  # submit STAGE DEPENDENCY TIME -> prints the job id (empty when the stage has nothing to do)
     local stage=$1 dep=$2 time=$3 n
     n=$(${STUDY} --config "${SPEC}" --task-list "${stage}")
     if [[ "${n}" -eq 0 ]]; then return 0; fi
-    sbatch --parsable --array=0-$((n - 1)) --gpus-per-task="${GPUS}" --time="${time}" ${dep:+--dependency=afterok:${dep}} \
+    sbatch --parsable --array=0-$((n - 1)) --cpus-per-task="${CPUS}" ${GPU_ARGS} --time="${time}" $(after "${dep}") \
         --job-name="study-${stage}" ${EXTRA} "$0" --task "${stage}" "${SPEC}"
 }
 TRAIN=$(submit train "" "${TIME_TRAIN:-24:00:00}")
@@ -55,6 +75,6 @@ AUX=$(submit aux "" "${TIME_TRAIN:-24:00:00}")
 DEPS=$(echo "${TRAIN}" "${AUX}" | xargs | tr ' ' ':')
 EVAL=$(submit evaluate "${DEPS}" "${TIME_EVAL:-04:00:00}")
 LAST=${EVAL:-${DEPS}}
-REPORT=$(sbatch --parsable --time=01:00:00 ${LAST:+--dependency=afterok:${LAST}} --job-name=study-report ${EXTRA} \
-    "$0" --task report "${SPEC}")
+REPORT=$(sbatch --parsable --time=01:00:00 --cpus-per-task="${CPUS}" $(after "${LAST}") --job-name=study-report \
+    ${EXTRA} "$0" --task report "${SPEC}")
 echo "submitted: train ${TRAIN:-none}, aux ${AUX:-none}, evaluate ${EVAL:-none}, report ${REPORT}"
