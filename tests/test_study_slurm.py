@@ -9,6 +9,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 import commands.study as study
@@ -90,3 +91,63 @@ def test_scripts_door_submits_through_the_study_command(tmp_path):
     run = subprocess.run(["bash", str(ROOT / "scripts" / "slurm_study.sh"), "s.yaml"], env=env, capture_output=True,
                          text=True, timeout=30)
     assert run.stdout.splitlines() == ["-m", "commands.study", "--config", "s.yaml", "--executor", "slurm"]
+
+
+def fit_unit(tmp_path: Path):
+    """The score unit of toy_tiny (planning only: nothing trains)."""
+    spec = yaml.safe_load(SPEC.read_text())
+    spec["out"] = str(tmp_path / "study")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    plan = study.make_plan(study.load_spec(path), path)
+    return plan, next(u for u in plan.units.values() if u.kind == "score")
+
+
+def fake_fit(monkeypatch, script: str) -> None:
+    """train.py replaced by a child that runs ``script`` (it may write the preemption checkpoint)."""
+    import sys
+
+    from commands.study import units
+
+    monkeypatch.setattr(units, "fit_command", lambda unit: [sys.executable, "-c", script])
+
+
+KILLED_AFTER_PREEMPT = ("import os, signal, pathlib; d = pathlib.Path('checkpoints'); d.mkdir(exist_ok=True); "
+                        "(d / 'preempt.ckpt').write_bytes(b'x'); os.kill(os.getpid(), signal.SIGTERM)")
+
+
+@pytest.mark.parametrize("slurm, checkpoint, requeued", [(True, True, True), (True, False, False),
+                                                         (False, True, False)],
+                         ids=["slurm-preempted", "slurm-no-checkpoint", "local"])
+def test_sigterm_after_a_preemption_checkpoint_is_a_requeue_under_slurm(tmp_path, monkeypatch, capsys, slurm,
+                                                                        checkpoint, requeued):
+    from commands.study.units import Requeued, UnitError, run_fit
+
+    plan, unit = fit_unit(tmp_path)
+    unit.folder.mkdir(parents=True)
+    monkeypatch.chdir(unit.folder)
+    script = KILLED_AFTER_PREEMPT if checkpoint else "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
+    fake_fit(monkeypatch, script)
+    if slurm:
+        monkeypatch.setenv("SLURM_JOB_ID", "42")
+    else:
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(Requeued if requeued else UnitError) as caught:
+        run_fit(plan, unit)
+    if requeued:
+        err = capsys.readouterr().err
+        assert f"{unit.id}: preempted" in err and "SLURM requeues the task" in err
+    else:
+        assert f"exited with status {-signal.SIGTERM}" in str(caught.value)
+
+
+def test_a_preemption_checkpoint_from_an_earlier_attempt_does_not_count(tmp_path):
+    _, unit = fit_unit(tmp_path)
+    ckpt = unit.folder / "checkpoints" / "preempt.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    os.utime(ckpt, (1000.0, 1000.0))
+    from commands.study.units import preemption_checkpoint
+
+    assert preemption_checkpoint(unit, since=2000.0) is None
+    assert preemption_checkpoint(unit, since=500.0) == ckpt

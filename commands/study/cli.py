@@ -20,7 +20,7 @@ from commands.study.executors import announce, command, run_local, run_task, sub
 from commands.study.plan import STAGES, Plan, Unit, make_plan
 from commands.study.records import OutputError, record_problem, status
 from commands.study.spec import SpecError
-from commands.study.units import UnitError, run_unit
+from commands.study.units import Requeued, UnitError, run_unit
 
 PROG = "study.py"
 
@@ -97,12 +97,15 @@ def main(argv: list[str] | None = None) -> Plan:
 
 
 def cli_main() -> None:
-    """The console entry point: a bad spec is one line and exit status 2, a unit that fails one line and 1."""
+    """The console entry point: a bad spec is one line and exit status 2, a unit that fails one line and 1,
+    a fit preempted and requeued under SLURM one line and 0."""
     try:
         main()
     except SpecError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Requeued:
+        raise SystemExit(0) from None  # said on stderr already; SLURM restarts the task
     except (UnitError, OutputError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -26,6 +26,10 @@ class UnitError(RuntimeError):
     """A unit that cannot run or did not finish: one line naming the unit (and the file)."""
 
 
+class Requeued(Exception):
+    """A fit preempted under SLURM: its checkpoint is written and the job requeued; the task exits cleanly."""
+
+
 def say(message: str) -> None:
     print(f"study.py: {message}", file=sys.stderr, flush=True)
 
@@ -90,6 +94,7 @@ def run_fit(plan: Plan, unit: Unit) -> None:
     with open(unit.folder / "attempts.jsonl", "a") as handle:
         handle.write(json.dumps({"start": start, "wall_s": time.time() - start, "rc": rc,
                                  "step_before": before, "step_after": after}) + "\n")
+    _check_requeued(unit, rc, start, after)
     if rc != 0:
         raise UnitError(f"unit {unit.id}: train.py fit exited with status {rc} (log above)")
     final = final_checkpoint(unit)
@@ -97,6 +102,29 @@ def run_fit(plan: Plan, unit: Unit) -> None:
         raise UnitError(f"unit {unit.id}: stopped at step {after} of {unit.params['trainer']['max_steps']} "
                         "(preempted?); run the study again to resume it")
     write_record(unit, [final] + [p for p in (unit.folder / "config.yaml",) if p.is_file()])
+
+
+def preemption_checkpoint(unit: Unit, since: float) -> Path | None:
+    """The checkpoint callbacks.Preemption wrote in the unit's run folder at or after ``since``
+    (``checkpoints/<filename>``, ``preempt.ckpt`` unless the config names another), else None."""
+    name = "preempt.ckpt"
+    for callback in ((unit.run_config or {}).get("trainer") or {}).get("callbacks") or []:
+        if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("Preemption"):
+            name = (callback.get("init_args") or {}).get("filename", name)
+    path = unit.folder / "checkpoints" / name
+    return path if path.is_file() and path.stat().st_mtime >= since else None
+
+
+def _check_requeued(unit: Unit, rc: int, start: float, step: int) -> None:
+    """Under SLURM a fit killed by SIGTERM (rc -15: ``scontrol requeue`` stops the running job) after
+    this attempt wrote its preemption checkpoint was requeued, not failed: say so and raise
+    :class:`Requeued` so the task exits cleanly and SLURM's requeue proceeds."""
+    if not os.environ.get("SLURM_JOB_ID") or rc != -signal.SIGTERM:
+        return
+    ckpt = preemption_checkpoint(unit, start)
+    if ckpt is not None:
+        say(f"{unit.id}: preempted at step {step}, checkpoint {ckpt}; SLURM requeues the task, which resumes it")
+        raise Requeued(unit.id)
 
 
 def _wait_forwarding_signals(child: subprocess.Popen) -> int:
@@ -228,5 +256,5 @@ def prior_draw_cost(aux: Path | None, summary: dict[str, Any], n: int, seed: int
     return (time.perf_counter() - start) / n
 
 
-__all__ = ["UnitError", "fit_command", "run_unit", "run_fit", "run_classifier", "run_bpd", "run_sample",
-           "prior_draw_cost", "score_run", "eval_T"]
+__all__ = ["Requeued", "UnitError", "fit_command", "preemption_checkpoint", "run_unit", "run_fit", "run_classifier",
+           "run_bpd", "run_sample", "prior_draw_cost", "score_run", "eval_T"]
