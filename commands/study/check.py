@@ -18,7 +18,7 @@ from typing import Any
 
 from commands.study.config import checkpoint_interval, model_config, score_sde_config
 from commands.study.nfe import steps_for_nfe
-from commands.study.spec import GAUSSIAN, ModelSpec, SpecError, StudySpec, parse_spec, spec_path
+from commands.study.spec import GAUSSIAN, ModelSpec, SamplerSpec, SpecError, StudySpec, parse_spec, spec_path
 
 
 def load_spec(path: str | Path, executor: str = "local") -> StudySpec:
@@ -99,9 +99,62 @@ def _check_samplers(spec: StudySpec, sde_config: dict[str, Any]) -> None:
             raise SpecError(f"samplers[{i}].name", "adaptive_ode chooses its own steps: it has no NFE budget")
         if not sampler.nfe:
             raise SpecError(f"samplers[{i}].nfe", "at least one NFE budget")
+        _check_sampler_options(i, sampler)
         for j, budget in enumerate(sampler.nfe):
             _positive(f"samplers[{i}].nfe[{j}]", budget)
-            steps_for_nfe(sampler.name, budget, sde_config, f"samplers[{i}].nfe[{j}]")
+            steps_for_nfe(sampler.name, budget, sde_config, f"samplers[{i}].nfe[{j}]", sampler.options)
+    _check_sampler_labels(spec)
+
+
+def _check_sampler_options(i: int, sampler: SamplerSpec) -> None:
+    """``options`` are keywords of the sampler's constructor with values it accepts (its own checks,
+    one option at a time so the error names the key); ``steps`` comes from the NFE budget."""
+    import inspect
+
+    from difftime.samplers import SAMPLERS
+
+    cls = SAMPLERS[sampler.name]
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "steps")]
+    for key, value in sampler.options.items():
+        where = f"samplers[{i}].options.{key}"
+        if key == "steps":
+            raise SpecError(where, "is set by the NFE budgets (samplers[].nfe)")
+        if key not in allowed:
+            raise SpecError(where, f"unknown option of {sampler.name} (allowed: {', '.join(allowed)})")
+        try:
+            cls(**{key: value})
+        except (TypeError, ValueError) as error:
+            raise SpecError(where, f"= {value!r} is invalid: {error}") from None
+    if sampler.options:
+        try:
+            cls(**sampler.options)
+        except (TypeError, ValueError) as error:
+            raise SpecError(f"samplers[{i}].options", f"invalid together: {error}") from None
+        _check_sample_options_field(i)
+
+
+def _check_sample_options_field(i: int) -> None:
+    """Sampler options reach :func:`commands.sampling.sample` through ``SampleOptions.sampler_options``."""
+    import dataclasses
+
+    from commands.sampling import SampleOptions
+
+    if "sampler_options" not in {f.name for f in dataclasses.fields(SampleOptions)}:
+        raise SpecError(f"samplers[{i}].options", "this version of commands.sampling.SampleOptions has no "
+                        "sampler_options field to pass them on; remove the options or update difftime")
+
+
+def _check_sampler_labels(spec: StudySpec) -> None:
+    """Each entry's name in unit labels and the report (``label``, else ``name``) is unique and a
+    plain file-name word."""
+    seen: dict[str, int] = {}
+    for i, sampler in enumerate(spec.samplers):
+        if sampler.label is not None and not re.fullmatch(r"[A-Za-z0-9_.]+", sampler.label):
+            raise SpecError(f"samplers[{i}].label", f"= {sampler.label!r} is invalid: allowed letters, digits, '_', '.'")
+        if sampler.tag in seen:
+            raise SpecError(f"samplers[{i}].label", f"{sampler.tag!r} also names samplers[{seen[sampler.tag]}]: give "
+                            "each entry of the same sampler its own label")
+        seen[sampler.tag] = i
 
 
 def check_device(device: str, executor: str = "local") -> None:

@@ -20,13 +20,13 @@ from commands.study.spec import SpecError
 
 
 @lru_cache(maxsize=None)
-def _nfe_line(name: str, sde_json: str) -> tuple[int, int]:
-    """(a, b) with NFE(steps) = a steps + b for the sampler ``name`` with its default options."""
+def _nfe_line(name: str, sde_json: str, options_json: str = "{}") -> tuple[int, int]:
+    """(a, b) with NFE(steps) = a steps + b for the sampler ``name`` with its options (JSON)."""
     import torch
 
     from difftime.samplers import SAMPLERS
 
-    sampler = SAMPLERS[name]()
+    sampler = SAMPLERS[name](**json.loads(options_json))
     if callable(getattr(sampler, "nfe", None)):  # a sampler that states its own count
         counts = [int(sampler.nfe(steps)) for steps in (1, 2, 3)]
     else:
@@ -39,12 +39,15 @@ def _nfe_line(name: str, sde_json: str) -> tuple[int, int]:
     return a, b
 
 
-def steps_for_nfe(name: str, budget: int, sde_config: dict[str, Any], key: str) -> tuple[int, int]:
-    """The most sampler steps whose NFE per sample is <= ``budget``, and that NFE.
+def steps_for_nfe(name: str, budget: int, sde_config: dict[str, Any], key: str,
+                  options: dict[str, Any] | None = None) -> tuple[int, int]:
+    """The most sampler steps whose NFE per sample is <= ``budget``, and that NFE, for the sampler
+    ``name`` constructed with ``options`` (e.g. ``denoise: true`` adds one evaluation).
 
     A budget below the sampler's one-step NFE is a SpecError naming ``key``.
     """
-    a, b = _nfe_line(name, json.dumps(sde_config, sort_keys=True, default=str))
+    a, b = _nfe_line(name, json.dumps(sde_config, sort_keys=True, default=str),
+                     json.dumps(options or {}, sort_keys=True))
     if a + b > budget:
         raise SpecError(key, f"= {budget} is invalid: {name} needs at least {a + b} NFE per sample")
     steps = (budget - b) // a

@@ -15,7 +15,7 @@ from typing import Any
 
 from commands.study.config import FIT_KINDS, digest, merge, model_config, score_sde_config, training_identity, with_T
 from commands.study.nfe import steps_for_nfe
-from commands.study.spec import GAUSSIAN, StudySpec
+from commands.study.spec import GAUSSIAN, SamplerSpec, StudySpec
 
 STAGES = ("train", "aux", "evaluate", "report")
 
@@ -146,8 +146,19 @@ def _eval_units(spec: StudySpec, units: dict[str, Unit], score: Unit, T: float, 
     sde = with_T(score_sde_config(spec), T)
     for sampler in spec.samplers:
         for budget in sampler.nfe:
-            steps, nfe = steps_for_nfe(sampler.name, budget, sde, sampler.name)
+            steps, nfe = steps_for_nfe(sampler.name, budget, sde, sampler.name, sampler.options)
             params = {**common, "sampler": sampler.name, "steps": steps, "nfe_budget": budget, "nfe": nfe,
-                      "n": spec.quality.n_samples, "seed": spec.seed}
-            unit = Unit("sample", "evaluate", f"{label}-{sampler.name}-nfe{nfe}", params, deps, root=out)
+                      "n": spec.quality.n_samples, "seed": spec.seed, **sampler_extras(sampler)}
+            unit = Unit("sample", "evaluate", f"{label}-{sampler.tag}-nfe{nfe}", params, deps, root=out)
             units[unit.id] = unit
+
+
+def sampler_extras(sampler: SamplerSpec) -> dict[str, Any]:
+    """The sampler's options and label as unit params, only those that are set (an entry without
+    them hashes as before, so finished units stay finished)."""
+    extras: dict[str, Any] = {}
+    if sampler.options:
+        extras["sampler_options"] = dict(sorted(sampler.options.items()))
+    if sampler.label:
+        extras["sampler_label"] = sampler.label
+    return extras

@@ -162,7 +162,7 @@ def _row(plan: Plan, space: FeatureSpace, unit: Unit, bpd_unit: Unit) -> dict[st
 
         raise OutputError(f"unit {unit.id} or {bpd_unit.id}: result.json lacks a value ({error!r})") from None
     return {"T": p["T"], "T_train": p["T_train"], "source": "trained" if p["T"] == p["T_train"] else "truncated",
-            "prior": p["prior"], "sampler": p["sampler"], "steps": p["steps"], **bpd_values,
+            "prior": p["prior"], "sampler": p.get("sampler_label", p["sampler"]), "steps": p["steps"], **bpd_values,
             **quality_row(space, load_samples(unit), plan.spec.quality),
             "fid_inception": inception_fid(plan, unit),
             "score_train_s": train_s, "score_train_steps": train_steps, "aux_train_s": aux_s,

@@ -61,10 +61,23 @@ class AuxSpec(ModelSpec):
 
 @dataclass
 class SamplerSpec:
-    """A sampler of :data:`difftime.samplers.SAMPLERS` with its NFE budgets per sample."""
+    """A sampler of :data:`difftime.samplers.SAMPLERS` with its NFE budgets per sample.
+
+    ``options``: keyword arguments of the sampler's constructor (e.g. ``threshold: dynamic,
+    percentile: 0.995``; ``steps`` comes from the budget). ``label``: the sampler's name in unit
+    labels and the report (default: ``name``), so one sampler with two option sets can sit side by
+    side. Both enter a unit's params only when set: entries without them keep their unit ids.
+    """
 
     name: str
     nfe: list[int]
+    options: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+
+    @property
+    def tag(self) -> str:
+        """The name of this entry in unit labels and the report."""
+        return self.label or self.name
 
 
 @dataclass

@@ -221,7 +221,8 @@ def run_sample(plan: Plan, unit: Unit) -> None:
     tmp = unit.folder / f"samples.tmp{os.getpid()}"
     summary = _sample(config=str(config_path), ckpt_path=str(ckpt), prior=str(aux) if aux else GAUSSIAN,
                       eval_T=eval_T(unit), sampler=p["sampler"], steps=p["steps"], n=p["n"], seed=p["seed"],
-                      batch_size=plan.spec.sample_batch_size, out=str(tmp), device=plan.spec.device)
+                      batch_size=plan.spec.sample_batch_size, out=str(tmp), device=plan.spec.device,
+                      **({"sampler_options": p["sampler_options"]} if "sampler_options" in p else {}))
     prior_s = prior_draw_cost(aux, summary, p["n"], p["seed"])
     if (unit.folder / "samples").exists():
         shutil.rmtree(unit.folder / "samples")
