@@ -149,6 +149,16 @@ def measure(args: argparse.Namespace, step: int, ckpt: Path, model: Any, sampler
             "reference": "test split", "sample_s": round(sample_s, 2), "eval_s": round(time.perf_counter() - start, 2)}
 
 
+def floor_row(args: argparse.Namespace, train: tuple[torch.Tensor, torch.Tensor], space: dict[str, Any]) -> dict[str, Any]:
+    """The floor: ``n`` real training digits (a seeded draw) against the same test digits and features.
+
+    A model whose samples score like this cannot be told from the data by these features at this n.
+    """
+    index = torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(args.seed))[:args.n]
+    real = features.extract_features(space["model"], train[0][index])
+    return quality.quality_row(space["reference"], real, space["name"], groups=args.groups, seed=args.seed)
+
+
 def _digest(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -204,7 +214,7 @@ def verdict(rows: list[dict[str, str]]) -> list[str]:
     return out
 
 
-def write_report(path: Path, rows: list[dict[str, str]]) -> None:
+def write_report(path: Path, rows: list[dict[str, str]], floor: dict[str, Any] | None = None) -> None:
     lines = [f"# Training-length curve of {rows[0]['unit']}", "",
              f"{rows[0]['n_samples']} samples per step from {rows[0]['sampler']} ({rows[0]['sampler_steps']} steps, "
              f"NFE {rows[0]['nfe']}), seeds {rows[0]['seed']}..; {rows[0]['n_reference']} test digits.", "",
@@ -212,6 +222,10 @@ def write_report(path: Path, rows: list[dict[str, str]]) -> None:
     for r in sorted(rows, key=lambda r: int(r["step"])):
         cell = lambda k: f"{float(r[k]):.4g} [{float(r[k + '_low']):.4g}, {float(r[k + '_high']):.4g}]"
         lines.append(f"| {r['step']} | {cell('fd')} | {cell('kid')} | {cell('precision')} | {cell('recall')} |")
+    if floor is not None:
+        cell = lambda k: f"{float(floor[k]):.4g} [{float(floor[k + '_low']):.4g}, {float(floor[k + '_high']):.4g}]"
+        lines.append(f"| floor: {floor['n_samples']} real training digits | {cell('fd')} | {cell('kid')} | "
+                     f"{cell('precision')} | {cell('recall')} |")
     note = quality.interval_note(rows[-1])
     lines += ["", note, "", *verdict(rows), "",
               "A plateau is judged on the last doubling only; read it with the whole curve (`.png`, `.csv`).", ""]
@@ -267,7 +281,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"step {step}: FD {row['fd']:.3f} [{row['fd_low']:.3f}, {row['fd_high']:.3f}], "
               f"KID {row['kid']:.5f} [{row['kid_low']:.5f}, {row['kid_high']:.5f}] ({row['eval_s']:.0f} s)", flush=True)
     rows = [r for r in read_rows(csv_path) if int(r["step"]) in found and same_setting(r, args, chosen)]
-    write_report(args.out / f"{args.unit.name}.md", rows)
+    if not space:
+        data = splits(load_run(next(iter(found.values())), args.unit / "config.yaml")[1])
+        trained = classifier(args, data["train"], data["test"])
+        space = {"model": trained.model, "name": trained.name,
+                 "reference": features.extract_features(trained.model, data["test"][0])}
+    write_report(args.out / f"{args.unit.name}.md", rows, floor_row(args, data["train"], space))
     figure(args.out / f"{args.unit.name}.png", rows)
     print("\n".join(verdict(rows)))
 
