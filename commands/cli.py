@@ -57,6 +57,7 @@ from commands.config_errors import (CliError, CliFailed, check_writable, config_
                                     one_line)
 from commands.run_folder import LOCKS, STAMP_ENV, RunConfigWriter, RunFolder, is_first_process
 from commands.runs import checkpoint_conflicts
+from datamodules.base import DataNotFoundError
 
 __all__ = ["CliError", "CliFailed", "DifftimeCLI", "RunConfigWriter", "build_cli", "cli_main", "main"]
 
@@ -154,7 +155,7 @@ class DifftimeCLI(RunFolder, LightningCLI):
             self._check_before_work()
         except CliFailed:
             raise
-        except CliError as error:
+        except (CliError, DataNotFoundError) as error:
             self._fail(error)
         except Exception as raised:
             self._fail(self._refusal(raised))
@@ -181,6 +182,8 @@ class DifftimeCLI(RunFolder, LightningCLI):
         world = self.trainer.num_devices * self.trainer.num_nodes
         if self.datamodule is not None and hasattr(self.datamodule, "check_world_size"):
             self.datamodule.check_world_size(world)
+        if self.datamodule is not None and hasattr(self.datamodule, "check_data"):
+            self.datamodule.check_data()  # files missing with download: false (DataNotFoundError)
         for callback in self.trainer.callbacks:
             if hasattr(callback, "check_config"):
                 callback.check_config(self.trainer, self.model)
@@ -271,7 +274,7 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> Di
     and ``SystemExit(2)``, before any work."""
     try:
         return build_cli(args, run)
-    except CliFailed as failure:
+    except (CliFailed, DataNotFoundError) as failure:  # DataNotFoundError: a failed download in prepare_data
         print(f"train.py: error: {failure}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -321,8 +321,6 @@ def test_failed_download_is_one_line_without_chained_tracebacks(tmp_path, monkey
     assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained tracebacks
 
 
-@pytest.mark.xfail(strict=False, reason="needs the entry point to call datamodule.check_data() before any work and "
-                                        "print DataNotFoundError as one line with exit 2 (commands/cli.py)")
 def test_cli_offline_dataset_is_one_line(tmp_path):
     """train.py on CIFAR-10 without its files: one line on stderr naming the folder, exit 2."""
     import subprocess
