@@ -100,3 +100,58 @@ def test_options_need_a_sampling_layer_that_passes_them(tmp_path):
     with pytest.raises(study.SpecError) as caught:
         study.load_spec(write(tmp_path, [DYNAMIC]))
     assert caught.value.key == "samplers[0].options"
+
+
+def test_a_reference_adds_one_converged_unit_per_evaluated_model(tmp_path):
+    plain = plan_of(write(tmp_path / "a"))
+    with_ref = write(tmp_path / "b")
+    data = yaml.safe_load(with_ref.read_text())
+    data["reference"] = {"name": "adaptive_ode"}
+    with_ref.write_text(yaml.safe_dump(data))
+    plan = plan_of(with_ref)
+    assert set(plain.units) - {u for u in plain.units if u.startswith("report/")} <= set(plan.units)
+    models = {(u.params["score"], u.params["T"], u.params["prior"]) for u in plan.units.values() if u.kind == "bpd"}
+    refs = [u for u in plan.units.values() if u.kind == "sample" and u.params.get("reference")]
+    assert sorted((u.params["score"], u.params["T"], u.params["prior"]) for u in refs) == sorted(models)
+    assert all(u.params["steps"] is None and u.params["sampler"] == "adaptive_ode" for u in refs)
+
+
+@pytest.mark.parametrize("reference, key", [({"name": "adaptive_ode", "nfe": 64}, "reference.nfe"),
+                                            ({"name": "sde_dpm_solver_pp"}, "reference.nfe"),
+                                            ({"name": "nope"}, "reference.name"),
+                                            ({"name": "sde_dpm_solver_pp", "nfe": 0}, "reference.nfe")])
+def test_bad_reference_is_one_line_naming_the_key(tmp_path, reference, key):
+    path = write(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["reference"] = reference
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(study.SpecError) as caught:
+        study.load_spec(path)
+    assert caught.value.key == key
+
+
+def test_nfe_to_baseline_is_the_first_nfe_whose_interval_overlaps_the_baseline():
+    """Hand-made intervals: the baseline FD [10, 12]; one configuration overlaps first at 8 NFE, one lies
+    wholly above at every NFE (-), and the reference of a short T does not count as a baseline."""
+    from types import SimpleNamespace
+
+    from commands.study.findings import baseline_table, nfe_to_baseline
+
+    def row(unit, T, prior, nfe, low, high, sampler="dpm_solver_pp"):
+        return {"unit": unit, "T": T, "T_train": T, "source": "trained", "prior": prior, "sampler": sampler,
+                "nfe": nfe, "fd": (low + high) / 2, "fd_low": low, "fd_high": high}
+
+    rows = [row("ref1", 1.0, "gaussian", 300, 10, 12, "reference_adaptive_ode"),
+            row("ref2", 0.4, "glow", 280, 5, 6, "reference_adaptive_ode"),
+            row("a16", 0.4, "glow", 16, 9, 11), row("a4", 0.4, "glow", 4, 20, 30), row("a8", 0.4, "glow", 8, 11.5, 15),
+            row("b4", 0.4, "gaussian", 4, 40, 50), row("b8", 0.4, "gaussian", 8, 12.5, 13)]
+    units = {r["unit"]: SimpleNamespace(params={"reference": r["unit"].startswith("ref")}) for r in rows}
+    plan = SimpleNamespace(units=units, T_max=1.0, spec=SimpleNamespace(reference=SimpleNamespace(name="adaptive_ode")))
+    base, reached = nfe_to_baseline(plan, rows)
+    assert base["unit"] == "ref1"
+    assert reached == {(0.4, "trained", "glow", "dpm_solver_pp"): 8,
+                       (0.4, "trained", "gaussian", "dpm_solver_pp"): None}
+    text = "\n".join(baseline_table(plan, rows))
+    assert "| 0.4 | trained | glow | dpm_solver_pp | 8 |" in text
+    assert "| 0.4 | trained | gaussian | dpm_solver_pp | - |" in text
+    assert "overlaps the FD interval" in text and "adaptive_ode" in text

@@ -4,8 +4,9 @@
 
 A typed YAML spec (:class:`StudySpec`) names the base score and auxiliary-prior configs, the T
 grid (each T trained, truncated from the model trained at T_max, or both), the priors, the
-samplers with their NFE budgets, the metrics, sample counts and seeds. Everything the run will
-use is checked before any work; a bad value fails naming its key.
+samplers with their NFE budgets (constructor options, labels), an optional converged reference
+sampler, the metrics, sample counts and seeds. Everything the run will use is checked before any
+work; a bad value fails naming its key.
 
 Units of work, each in its own folder ``<out>/units/<kind>/<label>-<hash>`` named by a hash of
 its resolved config (changing one spec value re-runs only the units it affects; a fit's hash covers
@@ -43,12 +44,13 @@ from commands.study.estimates import Rates, estimate
 from commands.study.nfe import steps_for_nfe
 from commands.study.plan import STAGES, Plan, Unit, make_plan
 from commands.study.records import OutputError, load_samples, read_result, record_problem, status, write_record
-from commands.study.spec import (AuxSpec, BpdSpec, CostSpec, ModelSpec, QualitySpec, SamplerSpec, SpecError,
-                                 SpecFileError, StudySpec, TEntry)
+from commands.study.spec import (AuxSpec, BpdSpec, CostSpec, ModelSpec, QualitySpec, ReferenceSpec, SamplerSpec,
+                                 SpecError, SpecFileError, StudySpec, TEntry)
 from commands.study.units import UnitError, run_unit
 
 __all__ = ["AuxSpec", "BpdSpec", "CostSpec", "FIT_KINDS", "ModelSpec", "OutputError", "Plan", "QualitySpec", "Rates",
-           "STAGES", "SamplerSpec", "SpecError", "SpecFileError", "StudySpec", "TEntry", "Unit", "UnitError",
+           "ReferenceSpec", "STAGES", "SamplerSpec", "SpecError", "SpecFileError", "StudySpec", "TEntry", "Unit",
+           "UnitError",
            "build_object", "check_fit_configs", "check_spec", "cli_main", "digest", "estimate", "load_samples",
            "load_spec", "main", "make_plan", "merge", "merge_layers", "model_config", "print_plan", "read_result",
            "record_problem", "run_unit", "set_key", "status", "steps_for_nfe", "training_identity", "write_record"]

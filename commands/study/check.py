@@ -18,7 +18,8 @@ from typing import Any
 
 from commands.study.config import checkpoint_interval, model_config, score_sde_config
 from commands.study.nfe import steps_for_nfe
-from commands.study.spec import GAUSSIAN, ModelSpec, SamplerSpec, SpecError, StudySpec, parse_spec, spec_path
+from commands.study.spec import (GAUSSIAN, ModelSpec, ReferenceSpec, SamplerSpec, SpecError, StudySpec, parse_spec,
+                                 spec_path)
 
 
 def load_spec(path: str | Path, executor: str = "local") -> StudySpec:
@@ -104,9 +105,27 @@ def _check_samplers(spec: StudySpec, sde_config: dict[str, Any]) -> None:
             _positive(f"samplers[{i}].nfe[{j}]", budget)
             steps_for_nfe(sampler.name, budget, sde_config, f"samplers[{i}].nfe[{j}]", sampler.options)
     _check_sampler_labels(spec)
+    if spec.reference is not None:
+        _check_reference(spec.reference, sde_config)
 
 
-def _check_sampler_options(i: int, sampler: SamplerSpec) -> None:
+def _check_reference(ref: ReferenceSpec, sde_config: dict[str, Any]) -> None:
+    """A known sampler; adaptive_ode without an NFE budget, any other with one; its options as a sampler's."""
+    from difftime.samplers import SAMPLERS
+
+    if ref.name not in SAMPLERS:
+        raise SpecError("reference.name", f"unknown sampler {ref.name!r} (known: {', '.join(sorted(SAMPLERS))})")
+    if ref.name == "adaptive_ode" and ref.nfe is not None:
+        raise SpecError("reference.nfe", "adaptive_ode chooses its own steps: leave nfe out")
+    if ref.name != "adaptive_ode":
+        if ref.nfe is None:
+            raise SpecError("reference.nfe", f"required for {ref.name} (a converged budget, e.g. 256)")
+        _positive("reference.nfe", ref.nfe)
+        steps_for_nfe(ref.name, ref.nfe, sde_config, "reference.nfe", ref.options)
+    _check_sampler_options("reference", SamplerSpec(ref.name, [], ref.options))
+
+
+def _check_sampler_options(i: int | str, sampler: SamplerSpec) -> None:
     """``options`` are keywords of the sampler's constructor with values it accepts (its own checks,
     one option at a time so the error names the key); ``steps`` comes from the NFE budget."""
     import inspect
@@ -116,7 +135,7 @@ def _check_sampler_options(i: int, sampler: SamplerSpec) -> None:
     cls = SAMPLERS[sampler.name]
     allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "steps")]
     for key, value in sampler.options.items():
-        where = f"samplers[{i}].options.{key}"
+        where = f"{_entry(i)}.options.{key}"
         if key == "steps":
             raise SpecError(where, "is set by the NFE budgets (samplers[].nfe)")
         if key not in allowed:
@@ -129,18 +148,23 @@ def _check_sampler_options(i: int, sampler: SamplerSpec) -> None:
         try:
             cls(**sampler.options)
         except (TypeError, ValueError) as error:
-            raise SpecError(f"samplers[{i}].options", f"invalid together: {error}") from None
+            raise SpecError(f"{_entry(i)}.options", f"invalid together: {error}") from None
         _check_sample_options_field(i)
 
 
-def _check_sample_options_field(i: int) -> None:
+def _entry(i: int | str) -> str:
+    """The spec key of a sampler entry: ``samplers[i]``, or ``reference``."""
+    return f"samplers[{i}]" if isinstance(i, int) else i
+
+
+def _check_sample_options_field(i: int | str) -> None:
     """Sampler options reach :func:`commands.sampling.sample` through ``SampleOptions.sampler_options``."""
     import dataclasses
 
     from commands.sampling import SampleOptions
 
     if "sampler_options" not in {f.name for f in dataclasses.fields(SampleOptions)}:
-        raise SpecError(f"samplers[{i}].options", "this version of commands.sampling.SampleOptions has no "
+        raise SpecError(f"{_entry(i)}.options", "this version of commands.sampling.SampleOptions has no "
                         "sampler_options field to pass them on; remove the options or update difftime")
 
 
@@ -150,7 +174,11 @@ def _check_sampler_labels(spec: StudySpec) -> None:
     seen: dict[str, int] = {}
     for i, sampler in enumerate(spec.samplers):
         if sampler.label is not None and not re.fullmatch(r"[A-Za-z0-9_.]+", sampler.label):
-            raise SpecError(f"samplers[{i}].label", f"= {sampler.label!r} is invalid: allowed letters, digits, '_', '.'")
+            raise SpecError(f"samplers[{i}].label",
+                            f"= {sampler.label!r} is invalid: allowed letters, digits, '_', '.'")
+        if sampler.tag.startswith("reference_"):
+            raise SpecError(f"samplers[{i}].label", f"= {sampler.tag!r} is invalid: 'reference_' names the "
+                            "converged reference units")
         if sampler.tag in seen:
             raise SpecError(f"samplers[{i}].label", f"{sampler.tag!r} also names samplers[{seen[sampler.tag]}]: give "
                             "each entry of the same sampler its own label")

@@ -56,6 +56,7 @@ def report_markdown(plan: Plan, rows: list[dict[str, Any]], figures: list[str]) 
         lines.append(f"| {r['T']:g} | {source} | {r['prior']} | {_pm(r['bpd_elbo'], r['bpd_elbo_se'])} | "
                      f"{_pm(r['bpd_prior'], r['bpd_prior_se'])} | {_pm(r['bpd_diffusion'], r['bpd_diffusion_se'])} | "
                      f"{r['bpd_reconstruction']:.3f} |")
+    lines += baseline_table(plan, rows)
     lines += ["", "## Findings", "", findings(rows, plan.T_max), "", "## Figures", ""]
     lines += [f"![{name}]({name})" for name in figures]
     return "\n".join(lines) + "\n"
@@ -148,3 +149,42 @@ def _bpd_findings(rows: list[dict[str, Any]], T_max: float) -> list[str]:
                        f"the prior term ({r['bpd_prior']:.3f} vs Gaussian {gauss['bpd_prior']:.3f} bits/dim)"
                        f"{'' if helped else ', contrary to the paper'}.")
     return out
+
+
+def is_reference(plan: Plan, row: dict[str, Any]) -> bool:
+    """Whether ``row`` is the converged sample of its model (``spec.reference``)."""
+    return bool(plan.units[row["unit"]].params.get("reference", False))
+
+
+def nfe_to_baseline(plan: Plan, rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[tuple, int | None]]:
+    """The baseline (the reference row of the T = T_max model with the Gaussian prior) and, for each
+    (T', source, prior, sampler), the smallest NFE whose FD interval overlaps the baseline's (None: no
+    NFE tested does). Intervals overlap when each one's lower end is at or below the other's upper end."""
+    base = next((r for r in rows if is_reference(plan, r) and r["T"] == plan.T_max and r["source"] == "trained"
+                 and r["prior"] == GAUSSIAN), None)
+    if base is None:
+        return None, {}
+    reached: dict[tuple, int | None] = {}
+    for r in sorted((r for r in rows if not is_reference(plan, r)), key=lambda r: r["nfe"]):
+        key = (r["T"], r["source"], r["prior"], r["sampler"])
+        reached.setdefault(key, None)
+        if reached[key] is None and r["fd_low"] <= base["fd_high"] and base["fd_low"] <= r["fd_high"]:
+            reached[key] = r["nfe"]
+    return base, reached
+
+
+def baseline_table(plan: Plan, rows: list[dict[str, Any]]) -> list[str]:
+    """report.md's ``nfe_to_baseline`` table with its method stated under it (empty without a reference)."""
+    base, reached = nfe_to_baseline(plan, rows)
+    if base is None:
+        return []
+    lines = ["", "## NFE to the converged baseline", "", "| T' | score model | prior | sampler | nfe_to_baseline |",
+             "|---|---|---|---|---|"]
+    for (T, source, prior, sampler), nfe in reached.items():
+        row = next(r for r in rows if (r["T"], r["source"], r["prior"], r["sampler"]) == (T, source, prior, sampler))
+        model = "trained" if source == "trained" else f"trunc. from {row['T_train']:g}"
+        lines.append(f"| {T:g} | {model} | {prior} | {sampler} | {nfe if nfe is not None else '-'} |")
+    lines += ["", f"nfe_to_baseline: the smallest NFE tested whose FD interval overlaps the FD interval of the "
+              f"baseline, the converged sample ({plan.spec.reference.name}, NFE {base['nfe']}) of the model trained "
+              f"at T = {plan.T_max:g} with the Gaussian prior: FD {_ci(base, 'fd')}; '-': no NFE tested reaches it."]
+    return lines

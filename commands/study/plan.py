@@ -151,6 +151,22 @@ def _eval_units(spec: StudySpec, units: dict[str, Unit], score: Unit, T: float, 
                       "n": spec.quality.n_samples, "seed": spec.seed, **sampler_extras(sampler)}
             unit = Unit("sample", "evaluate", f"{label}-{sampler.tag}-nfe{nfe}", params, deps, root=out)
             units[unit.id] = unit
+    if spec.reference is not None:
+        unit = _reference_unit(spec, common, sde, f"{label}-ref-{spec.reference.name}", deps, out)
+        units[unit.id] = unit
+
+
+def _reference_unit(spec: StudySpec, common: dict[str, Any], sde: dict[str, Any], label: str, deps: list[str],
+                    out: Path) -> Unit:
+    """The converged sample unit of one evaluated model (``spec.reference``): adaptive_ode chooses its
+    own steps (``steps`` None), a fixed-step sampler takes the steps of its budget."""
+    ref = spec.reference
+    assert ref is not None
+    steps, nfe = steps_for_nfe(ref.name, ref.nfe, sde, "reference.nfe", ref.options) if ref.nfe else (None, None)
+    params = {**common, "sampler": ref.name, "steps": steps, "nfe_budget": ref.nfe, "nfe": nfe,
+              "n": spec.quality.n_samples, "seed": spec.seed, "sampler_label": f"reference_{ref.name}",
+              "reference": True, **({"sampler_options": dict(sorted(ref.options.items()))} if ref.options else {})}
+    return Unit("sample", "evaluate", label, params, deps, root=out)
 
 
 def sampler_extras(sampler: SamplerSpec) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from commands.study.config import build_object, model_config
 from commands.study.figures import figure_bpd, figure_quality, figure_samples
-from commands.study.findings import report_markdown
+from commands.study.findings import nfe_to_baseline, report_markdown
 from commands.study.plan import Plan, Unit
 from commands.study.records import done_steps, load_samples, read_result
 from commands.study.spec import QualitySpec, SpecError
@@ -27,7 +27,8 @@ CSV_KEYS = ("T", "T_train", "source", "prior", "sampler", "steps", "nfe", "bpd_e
             "precision_high", "recall", "recall_low", "recall_high", "n_samples", "reference", "n_reference",
             "extractor", "extractor_test_accuracy", "k", "ci_level", "jackknife_groups", "fd_interval_method",
             "kid_interval_method", "pr_interval_method", "fid_inception", "score_train_s", "score_train_steps",
-            "aux_train_s", "aux_train_steps", "sample_wall_s", "sample_s_per_sample", "prior_ms_per_sample", "unit")
+            "aux_train_s", "aux_train_steps", "sample_wall_s", "sample_s_per_sample", "prior_ms_per_sample", "unit",
+            "nfe_to_baseline")
 BPD_KEYS = ("bpd_elbo", "bpd_elbo_se", "bpd_prior", "bpd_prior_se", "bpd_diffusion", "bpd_diffusion_se",
             "bpd_reconstruction")
 
@@ -63,6 +64,10 @@ def write_report(plan: Plan, rows: list[dict[str, Any]], folder: Path) -> None:
     """results.csv, the figures, report.md and the TensorBoard run in ``folder``."""
     import matplotlib.pyplot as plt
 
+    _, reached = nfe_to_baseline(plan, rows)
+    for r in rows:
+        nfe = reached.get((r["T"], r["source"], r["prior"], r["sampler"]))
+        r["nfe_to_baseline"] = "" if nfe is None else nfe
     write_csv(rows, folder / "results.csv")
     figures = {"bpd_terms.png": figure_bpd(rows), "quality_vs_nfe.png": figure_quality(rows),
                "samples_side_by_side.png": figure_samples(plan, rows)}

@@ -81,6 +81,17 @@ class SamplerSpec:
 
 
 @dataclass
+class ReferenceSpec:
+    """The converged sampler of each evaluated model (T', prior): an adaptive ODE solver (no NFE
+    budget) or a fixed-step sampler at a large budget (``nfe``, e.g. 256). The T = T_max Gaussian-prior
+    model's reference is the baseline of the report's ``nfe_to_baseline``."""
+
+    name: str
+    nfe: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class BpdSpec:
     """callbacks.BitsPerDim settings of the evaluation units."""
 
@@ -131,6 +142,7 @@ class StudySpec:
     priors: list[str]
     samplers: list[SamplerSpec]
     aux_priors: dict[str, AuxSpec] = field(default_factory=dict)
+    reference: ReferenceSpec | None = None
     T_max: float | None = None
     bpd: BpdSpec = field(default_factory=BpdSpec)
     quality: QualitySpec = field(default_factory=QualitySpec)
