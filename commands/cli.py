@@ -246,9 +246,36 @@ class DifftimeCLI(RunFolder, LightningCLI):
             raise SystemExit(FAULT_EXIT)
 
 
+PRIOR_KEY = "--model.init_args.prior"
+PRIOR_CHECKPOINT = "difftime.aux_priors.AuxPriorCheckpoint"
+
+
+def expand_prior_checkpoint(argv: list[str]) -> list[str]:
+    """``--model.init_args.prior X.ckpt`` (or ``=X.ckpt``) as ``AuxPriorCheckpoint`` with ``path X.ckpt``.
+
+    The short form a reader tries first for stage 2 of the recipe (the auxiliary prior nu ~ q_T,
+    Franzese et al. 2023, Sec. 4). jsonargparse reads an existing file given to a class-typed
+    argument as a YAML config, so a checkpoint failed with "'utf-8' codec can't decode byte 0x80".
+    """
+    expanded, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        value, step = (arg.split("=", 1)[1], 1) if arg.startswith(PRIOR_KEY + "=") else (None, 1)
+        if arg == PRIOR_KEY and i + 1 < len(argv):
+            value, step = argv[i + 1], 2
+        if value is not None and value.endswith(".ckpt"):
+            expanded += [PRIOR_KEY, PRIOR_CHECKPOINT, f"{PRIOR_KEY}.path", value]
+        else:
+            expanded += argv[i:i + step]
+        i += step
+    return expanded
+
+
 def build_cli(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DifftimeCLI:
     """The command (``args`` as on the command line, or a config dict) as :func:`main` runs it, but a
     refused command line raises :class:`CliFailed` instead of exiting."""
+    if isinstance(args, list):
+        args = expand_prior_checkpoint(args)
     try:
         return DifftimeCLI(
             args=args,
@@ -284,7 +311,7 @@ def cli_main() -> None:
     from configs import resolve_config_args
 
     try:
-        sys.argv[1:] = resolve_config_args(sys.argv[1:])
+        sys.argv[1:] = expand_prior_checkpoint(resolve_config_args(sys.argv[1:]))
         main()
     except Preempted as stop:
         print(f"train.py: {stop}; exiting cleanly", file=sys.stderr)

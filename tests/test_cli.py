@@ -169,3 +169,25 @@ def test_fit_help_starts_with_the_configs_and_the_model_help(capsys):
                     "configs/T/<T>.yaml", "0.4", "--model.help lightning_modules.ScoreModule"):
         assert pointer in head, pointer
     assert head.index("configs/<name>.yaml") < head.index("options:") if "options:" in head else True
+
+
+@pytest.mark.parametrize("form", ["two words", "equals"])
+def test_prior_checkpoint_path_reads_as_the_long_form(form, tmp_path, monkeypatch, capsys):
+    """``--model.init_args.prior X.ckpt`` resolves to the config the header's long form gives
+    (``AuxPriorCheckpoint`` with ``path X.ckpt``), not to a YAML read of the binary file."""
+    from commands import cli
+
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tmp_path / "last.ckpt"
+    checkpoint.write_bytes(b"PK\x03\x04\x80\x81 not text")
+    base = ["fit", "--config", str(ROOT / "configs/toy_ring.yaml")]
+    short = [f"--model.init_args.prior={checkpoint}"] if form == "equals" else ["--model.init_args.prior", str(checkpoint)]
+    long = ["--model.init_args.prior", "difftime.aux_priors.AuxPriorCheckpoint", "--model.init_args.prior.path",
+            str(checkpoint)]
+    printed = []
+    for extra in (short, long):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(args=[*base, *extra, "--print_config"])
+        assert stop.value.code in (0, None)
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and "AuxPriorCheckpoint" in printed[0] and str(checkpoint) in printed[0]

@@ -136,10 +136,6 @@ def test_header_commands_run_as_written(name, clone, capsys):
             pytest.fail(f"{name}: no rule for the header command {command!r}")
 
 
-@pytest.mark.xfail(strict=False, reason="jsonargparse reads a string given to a class-typed argument as a config "
-                                        "file when the file exists: a .ckpt fails with \"'utf-8' codec can't "
-                                        "decode byte 0x80\"; needs the CLI (commands/cli.py) to map "
-                                        "--model.init_args.prior <file>.ckpt to AuxPriorCheckpoint(path=<file>)")
 def test_prior_given_as_a_checkpoint_path(clone, capsys):
     """The short form ``--model.init_args.prior <checkpoint>`` a reader would try first."""
     checkpoint = clone / "runs/aux/last.ckpt"
