@@ -155,3 +155,19 @@ def test_nfe_to_baseline_is_the_first_nfe_whose_interval_overlaps_the_baseline()
     assert "| 0.4 | trained | glow | dpm_solver_pp | 8 |" in text
     assert "| 0.4 | trained | gaussian | dpm_solver_pp | - |" in text
     assert "overlaps the FD interval" in text and "adaptive_ode" in text
+
+
+def test_dry_run_estimates_an_adaptive_reference(tmp_path, capsys):
+    """The adaptive reference has no NFE before it runs: the dry run still prints its estimate."""
+    from commands.study.estimates import ADAPTIVE_NFE, Rates, estimate
+
+    path = write(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["reference"] = {"name": "adaptive_ode"}
+    path.write_text(yaml.safe_dump(data))
+    plan = plan_of(path)
+    ref = next(u for u in plan.units.values() if u.params.get("reference"))
+    plain = next(u for u in plan.units.values() if u.kind == "sample" and not u.params.get("reference"))
+    rates = Rates(plan)
+    per_nfe = (estimate(plain, rates, plan.spec, "to do") - 2.0) / plain.params["nfe"]
+    assert estimate(ref, rates, plan.spec, "to do") - 2.0 == pytest.approx(per_nfe * ADAPTIVE_NFE)
