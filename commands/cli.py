@@ -55,6 +55,7 @@ from callbacks.preemption import Preempted, Preemption
 from callbacks.progress import DifftimeProgressBar
 from commands.config_errors import (CliError, CliFailed, check_writable, config_error, constructor_error, find_key,
                                     one_line)
+from commands.config_files import configs_root, resolve_config_args
 from commands.run_folder import LOCKS, STAMP_ENV, RunConfigWriter, RunFolder, is_first_process
 from commands.runs import checkpoint_conflicts
 from datamodules.base import DataNotFoundError
@@ -70,15 +71,14 @@ def _names(folder: Path) -> str:
 
 def help_text() -> str:
     """What ``train.py fit --help`` says first: where to start, before 500 lines of options."""
-    from configs import ROOT as CONFIGS
-
+    root = configs_root()
     return (
         "Start from a shipped config (each header states its seconds per step on 2 CPU cores and its run time):\n"
-        f"  configs/<name>.yaml      {_names(CONFIGS)}\n"
+        f"  configs/<name>.yaml      {_names(root)}\n"
         "                           e.g. --config configs/quickstart.yaml (a ~9-minute CPU fit on real digits)\n"
         "  configs/aux/<name>.yaml  auxiliary priors nu ~ q_T (stage 1 of the paper's recipe):\n"
-        f"                           {_names(CONFIGS / 'aux')}\n"
-        f"  configs/T/<T>.yaml       the diffusion time T, added after a base config: {_names(CONFIGS / 'T')}\n"
+        f"                           {_names(root / 'aux')}\n"
+        f"  configs/T/<T>.yaml       the diffusion time T, added after a base config: {_names(root / 'T')}\n"
         "The score model's own arguments and the networks in difftime:\n"
         "  --model.help lightning_modules.ScoreModule    (the auxiliary prior: lightning_modules.AuxPriorModule)\n"
         "The resolved config of a command: --print_config. Any key can be set: --model.init_args.sde.init_args.T 0.4\n"
@@ -308,8 +308,6 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> Di
 
 def cli_main() -> None:
     """``python train.py ...`` and the ``difftime-train`` console entry point."""
-    from configs import resolve_config_args
-
     try:
         sys.argv[1:] = expand_prior_checkpoint(resolve_config_args(sys.argv[1:]))
         main()

@@ -327,7 +327,7 @@ def cli_main() -> None:
     stderr and exit status 2, not a traceback.
     """
     from commands.cli import CliFailed
-    from configs import resolve_config_args
+    from commands.config_files import resolve_config_args
     from difftime.checkpoints import CorruptCheckpointError
 
     try:

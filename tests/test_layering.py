@@ -85,3 +85,18 @@ def test_console_scripts_point_at_the_application_layer(name):
     assert callable(getattr(importlib.import_module(module), function))
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     assert module.rsplit(".", 1)[0] in find_packages(str(ROOT), include=include)
+
+
+def test_configs_is_a_data_package():
+    """``configs/`` holds YAML and a docstring-only ``__init__.py``; the code that finds the shipped
+    files lives in ``commands.config_files`` and reads them through ``importlib.resources``."""
+    from commands.config_files import configs_root, shipped
+
+    assert sorted(p.name for p in (ROOT / "configs").rglob("*.py")) == ["__init__.py"]
+    body = ast.parse((ROOT / "configs" / "__init__.py").read_text()).body
+    assert len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+    assert configs_root() == (ROOT / "configs").resolve()
+    for name in ("configs/quickstart.yaml", "quickstart.yaml", "T/0.4.yaml", "configs/study/toy_tiny.yaml"):
+        assert shipped(name) == (ROOT / "configs" / name.removeprefix("configs/")).resolve(), name
+    for name in ("nope.yaml", "../pyproject.toml", "configs/../README.md", "__init__.py"):
+        assert shipped(name) is None, name
