@@ -44,6 +44,19 @@ def slurm_job_id(environ: dict[str, str] | None = None) -> str | None:
     return job_id
 
 
+TERMINATION_REQUESTS = (signal.SIGTERM, signal.SIGINT)
+
+
+def after_fit_action(signum: int, previous: Any) -> Any:
+    """The action of ``signum`` once a fit that handled no preemption ends: ``previous``, except that
+    a warning signal whose previous action was the default (termination, exit 128 + signum) is
+    ignored: a finished fit must not die of a late warning. Termination requests keep the default."""
+    default = previous is None or previous == signal.SIG_DFL
+    if default and signum not in TERMINATION_REQUESTS:
+        return signal.SIG_IGN
+    return signal.SIG_DFL if previous is None else previous
+
+
 class Preemption(Callback):
     """Checkpoint at the next step boundary on a signal, requeue, and exit cleanly.
 
@@ -86,16 +99,20 @@ class Preemption(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Restore the previous handlers, unless a preemption was handled.
 
-        Then a second SIGUSR1/SIGTERM (schedulers repeat them) arrives while the process is still
-        winding down; with ``SIG_DFL`` re-armed it would kill the process with that signal, which
-        a cluster reads as a killed job although the checkpoint and the requeue already happened.
-        Such signals are absorbed until the process exits.
+        After a handled preemption a second SIGUSR1/SIGTERM (schedulers repeat them) arrives while
+        the process is still winding down; with ``SIG_DFL`` re-armed it would kill the process with
+        that signal, which a cluster reads as a killed job although the checkpoint and the requeue
+        already happened. Such signals are absorbed until the process exits.
+
+        Without a preemption, a warning signal (SIGUSR1: SLURM's ``--signal=USR1@N`` that arrives
+        after the fit ended) whose previous action was the default, which terminates, is ignored
+        instead (:func:`after_fit_action`); SIGTERM and SIGINT get their previous action back.
         """
         for signum, handler in self._previous.items():
             if self.received is not None:
                 signal.signal(signum, self._absorb)
             else:
-                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+                signal.signal(signum, after_fit_action(signum, handler))
         self._previous.clear()
 
     @override
