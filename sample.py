@@ -3,11 +3,11 @@
     python sample.py --config runs/quickstart/default/config.yaml --n 64 --out samples/quickstart
 
 Options and outputs: ``python sample.py --help`` and :mod:`commands.sampling` (also the
-``difftime-sample`` console script, and ``sample(SampleOptions(...))`` from Python).
+``difftime-sample`` console script, ``sample(SampleOptions(...))`` from Python, and
+``commands.runs.load_run`` to rebuild a trained run in a notebook).
 """
 
-from commands.runs import build, load_run, load_weights, run_config  # noqa: F401  (older callers)
-from commands.sampling import cli_main, fitted_sampler, main, real_images  # noqa: F401
+from commands.sampling import cli_main
 
 if __name__ == "__main__":
     cli_main()

@@ -5,7 +5,7 @@ locked run folder, verified checkpoints, resume) is described in :mod:`commands.
 serves the ``difftime-train`` console script.
 """
 
-from commands.cli import cli_main, main  # noqa: F401  (main: the in-process entry of older callers)
+from commands.cli import cli_main
 
 if __name__ == "__main__":
     cli_main()

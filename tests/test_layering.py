@@ -100,3 +100,12 @@ def test_configs_is_a_data_package():
         assert shipped(name) == (ROOT / "configs" / name.removeprefix("configs/")).resolve(), name
     for name in ("nope.yaml", "../pyproject.toml", "configs/../README.md", "__init__.py"):
         assert shipped(name) is None, name
+
+
+@pytest.mark.parametrize("script", ["train", "sample"])
+def test_doors_import_only_cli_main(script):
+    """A door re-exports nothing: callers import ``commands``, so its one import is ``cli_main``."""
+    body = ast.parse((ROOT / f"{script}.py").read_text()).body
+    imports = [node for node in body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert len(imports) == 1 and isinstance(imports[0], ast.ImportFrom)
+    assert imports[0].module.startswith("commands.") and [a.name for a in imports[0].names] == ["cli_main"]
