@@ -14,10 +14,10 @@
 #   from the newest valid checkpoint. Evaluation tasks rewrite their outputs atomically and record
 #   them when they finish, so a preempted one simply runs again;
 # * train (score models, classifier) and aux (auxiliary priors) are independent; evaluate waits
-#   for both (afterok), report for evaluate.
-#
+#   for both (afterok), report for evaluate;
 # * a failed task prints its unit and its log (StdOut of `scontrol show job`) and exits non-zero;
-#   --kill-on-invalid-dep=yes then cancels the stages that depend on it.
+#   --kill-on-invalid-dep=yes then cancels the stages that depend on it (a fit preempted and
+#   requeued is not a failure: the task exits 0 and SLURM restarts it).
 #
 # GPUS_PER_TASK (default 1; 0 leaves --gpus-per-task out, for a CPU partition), CPUS_PER_TASK
 # (default 8), TIME_TRAIN, TIME_EVAL and PARTITION_ARGS (extra sbatch options, e.g.
