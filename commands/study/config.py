@@ -34,7 +34,7 @@ def merge(base: Any, update: Any) -> Any:
 def config_file(name: str) -> Path | None:
     """A config named in a spec: a file relative to the working directory, else the installed
     copy of a shipped config (``configs/toy_ring.yaml``), else None."""
-    from configs import shipped
+    from commands.config_files import shipped
 
     path = Path(name)
     return path if path.is_file() else shipped(name)

@@ -239,7 +239,7 @@ def spec_path(name: str | Path) -> Path:
     path = Path(name)
     if path.exists():
         return path
-    from configs import shipped
+    from commands.config_files import shipped
 
     found = shipped(name)
     if found is None:
