@@ -181,7 +181,8 @@ def test_prior_checkpoint_path_reads_as_the_long_form(form, tmp_path, monkeypatc
     checkpoint = tmp_path / "last.ckpt"
     checkpoint.write_bytes(b"PK\x03\x04\x80\x81 not text")
     base = ["fit", "--config", str(ROOT / "configs/toy_ring.yaml")]
-    short = [f"--model.init_args.prior={checkpoint}"] if form == "equals" else ["--model.init_args.prior", str(checkpoint)]
+    short = ([f"--model.init_args.prior={checkpoint}"] if form == "equals"
+             else ["--model.init_args.prior", str(checkpoint)])
     long = ["--model.init_args.prior", "difftime.aux_priors.AuxPriorCheckpoint", "--model.init_args.prior.path",
             str(checkpoint)]
     printed = []
