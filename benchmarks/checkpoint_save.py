@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from callbacks.checkpoint_io import SafeCheckpointIO
+from commands.checkpoint_io import SafeCheckpointIO
 from difftime.checkpoints import load_verified, verify_checkpoint
 from difftime.networks import UNet
 from difftime.sde import VPSDE

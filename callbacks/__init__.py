@@ -1,8 +1,8 @@
 """Lightning callbacks: metrics (bits/dim, KL gap over T, FID), sample grids and writers,
-preemption, checkpoint IO."""
+preemption. What they share lives in :mod:`callbacks.support`; the CheckpointIO plugin, which only
+the CLI installs, in :mod:`commands.checkpoint_io`."""
 
 from callbacks.bpd import BitsPerDim
-from callbacks.checkpoint_io import CorruptCheckpointError, SafeCheckpointIO
 from callbacks.fid import FID
 from callbacks.kl_gap import KLGap
 from callbacks.preemption import Preempted, Preemption
@@ -11,12 +11,10 @@ from callbacks.sample_writer import SampleWriter
 
 __all__ = [
     "BitsPerDim",
-    "CorruptCheckpointError",
     "FID",
     "KLGap",
     "Preempted",
     "Preemption",
-    "SafeCheckpointIO",
     "SampleGrid",
     "SampleWriter",
 ]

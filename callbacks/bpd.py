@@ -52,8 +52,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from typing_extensions import override
 
-from callbacks.contract import ScoreSystem, is_due
-from callbacks.progress import Tqdm, progress_for
+from callbacks.support.contract import ScoreSystem, is_due
+from callbacks.support.progress import Tqdm, progress_for
 from difftime import checks
 from difftime.data import bits_per_dim
 from difftime.likelihood import ElboTerms, elbo, ode_log_likelihood

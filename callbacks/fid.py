@@ -50,9 +50,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.image.fid import FrechetInceptionDistance
 from typing_extensions import override
 
-from callbacks.contract import SampleSource, is_due
-from callbacks.distributed import generate_shard
-from callbacks.progress import SamplingProgress, progress_for
+from callbacks.support.contract import SampleSource, is_due
+from callbacks.support.distributed import generate_shard
+from callbacks.support.progress import SamplingProgress, progress_for
 from callbacks.sample_grid import sampling_fn
 from difftime import checks
 from difftime.features import RandomConvFeatures, weights_digest

@@ -50,7 +50,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from callbacks.bpd import DEQUANTIZE, EvalSetCallback, PerSampleMoments, elbo_bits, log_values
-from callbacks.contract import ScoreSystem
+from callbacks.support.contract import ScoreSystem
 from difftime import checks
 from difftime.likelihood import ElboTerms, prior_term, truncated_elbo
 from difftime.priors import GaussianPrior

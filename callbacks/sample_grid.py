@@ -9,9 +9,9 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from typing_extensions import override
 
-from callbacks.contract import SampleSource, is_due
-from callbacks.distributed import gather_samples, generate_shard
-from callbacks.progress import SamplingProgress
+from callbacks.support.contract import SampleSource, is_due
+from callbacks.support.distributed import gather_samples, generate_shard
+from callbacks.support.progress import SamplingProgress
 from difftime import checks
 from difftime.render import render
 from difftime.utils import shard_range

@@ -50,9 +50,9 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from callbacks.checkpoint_io import KeepLastCheckpointName, SafeCheckpointIO
+from commands.checkpoint_io import KeepLastCheckpointName, SafeCheckpointIO
 from callbacks.preemption import Preempted, Preemption
-from callbacks.progress import DifftimeProgressBar
+from callbacks.support.progress import DifftimeProgressBar
 from commands.config_errors import (CliError, CliFailed, check_writable, config_error, constructor_error, find_key,
                                     one_line)
 from commands.config_files import configs_root, resolve_config_args

@@ -238,7 +238,7 @@ def generate(model: nn.Module, sampler: Sampler, n: int, batch_size: int, seed: 
     ``progress``: one bar on stderr over every sampler step of every batch (a long run at 1,000
     steps was otherwise silent for minutes).
     """
-    from callbacks.progress import SamplingProgress, planned_steps, progress_bar
+    from callbacks.support.progress import SamplingProgress, planned_steps, progress_bar
 
     per_batch = planned_steps(sampler, steps)
     total = per_batch * -(-n // batch_size) if per_batch else None

@@ -1,7 +1,7 @@
 """Checkpoint I/O of the whole project: atomic writes, verification, weights-only loads.
 
 Used by train.py, sample.py, the Lightning systems, the callbacks and the auxiliary-prior
-loader alike (pure torch: the Lightning CheckpointIO plugin in :mod:`callbacks.checkpoint_io`
+loader alike (pure torch: the Lightning CheckpointIO plugin in :mod:`commands.checkpoint_io`
 only delegates here).
 
 * Writes go to a temporary file in the target directory, are fsync'ed and then renamed with

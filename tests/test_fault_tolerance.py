@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from callbacks.checkpoint_io import SafeCheckpointIO
+from commands.checkpoint_io import SafeCheckpointIO
 from difftime.checkpoints import CorruptCheckpointError, find_resume_checkpoint, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from callbacks.progress import LineBar, SamplingProgress, planned_steps, progress_bar
+from callbacks.support.progress import LineBar, SamplingProgress, planned_steps, progress_bar
 from difftime.samplers import AdaptiveODE, EulerMaruyama
 from difftime.sde import VPSDE
 
