@@ -79,6 +79,7 @@ class SampleOptions:
     nrow: int | None = None
     out: str = "samples"
     device: str = "cpu"
+    sampler_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # constructor options of ``sampler``
     progress: bool = False  # a bar on stderr (the command line's default; --quiet turns it off)
 
     def check(self) -> None:
@@ -171,8 +172,13 @@ def real_images(datamodule: Any, n: int, split: str = "test") -> Tensor:
 
 
 # ---------------------------------------------------------------------- time grids
-def choose_sampler(model: nn.Module, name: str | None) -> Sampler:
-    return model.sampler if name is None else SAMPLERS[name]()
+def choose_sampler(model: nn.Module, name: str | None, options: dict[str, Any] | None = None) -> Sampler:
+    """The run's own sampler, or ``SAMPLERS[name]`` built with ``options`` (e.g. ``threshold``)."""
+    if name is None:
+        if options:
+            raise SampleError(f"sampler options {sorted(options)} need a sampler name to build")
+        return model.sampler
+    return SAMPLERS[name](**(options or {}))
 
 
 def fitted_sampler(model: nn.Module, sampler: Sampler, steps: int | None, pilot: int, candidates: int,
@@ -290,7 +296,7 @@ def sample(options: SampleOptions) -> dict[str, Any]:
     out = Path(options.out)
     check_out(out)
     model, datamodule = _load(options)
-    sampler, prior_name, grid = choose_sampler(model, options.sampler), describe_prior(model.prior), None
+    sampler, prior_name, grid = choose_sampler(model, options.sampler, options.sampler_options), describe_prior(model.prior), None
     if options.fit_grid:
         sampler, grid = _fit_grid(model, sampler, options, out)
     start = time.perf_counter()

@@ -36,9 +36,11 @@ def plan_of(path: Path):
 
 
 @pytest.fixture
-def passes_options(monkeypatch):
-    """As with a commands.sampling.SampleOptions that has its ``sampler_options`` field."""
-    monkeypatch.setattr(check, "_check_sample_options_field", lambda i: None)
+def passes_options():
+    """Sampler options reach the sampler through ``SampleOptions.sampler_options``."""
+    from commands.sampling import SampleOptions
+
+    assert "sampler_options" in {f.name for f in dataclasses.fields(SampleOptions)}
 
 
 def test_an_entry_without_options_plans_the_same_unit_ids_as_before(tmp_path):
@@ -90,16 +92,6 @@ def test_bad_options_and_labels_are_one_line_naming_the_key(tmp_path, passes_opt
     with pytest.raises(study.SpecError) as caught:
         study.load_spec(path)
     assert caught.value.key == key and "\n" not in str(caught.value)
-
-
-def test_options_need_a_sampling_layer_that_passes_them(tmp_path):
-    from commands.sampling import SampleOptions
-
-    if "sampler_options" in {f.name for f in dataclasses.fields(SampleOptions)}:
-        pytest.skip("SampleOptions passes sampler options")
-    with pytest.raises(study.SpecError) as caught:
-        study.load_spec(write(tmp_path, [DYNAMIC]))
-    assert caught.value.key == "samplers[0].options"
 
 
 def test_a_reference_adds_one_converged_unit_per_evaluated_model(tmp_path):
@@ -171,3 +163,15 @@ def test_dry_run_estimates_an_adaptive_reference(tmp_path, capsys):
     rates = Rates(plan)
     per_nfe = (estimate(plain, rates, plan.spec, "to do") - 2.0) / plain.params["nfe"]
     assert estimate(ref, rates, plan.spec, "to do") - 2.0 == pytest.approx(per_nfe * ADAPTIVE_NFE)
+
+
+def test_sampler_options_reach_the_sampler():
+    """What a unit's ``sampler_options`` become: the sampler built with them, NFE unchanged."""
+    from commands.sampling import choose_sampler
+    from difftime.samplers import SAMPLERS
+
+    plain = choose_sampler(None, "dpm_solver_pp")
+    built = choose_sampler(None, "dpm_solver_pp", {"threshold": "dynamic", "percentile": 0.99})
+    assert vars(built)["threshold"] == "dynamic" and vars(built)["percentile"] == 0.99
+    assert vars(plain)["threshold"] is None and type(built) is type(SAMPLERS["dpm_solver_pp"]())
+    assert built.nfe(8) == plain.nfe(8)

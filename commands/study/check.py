@@ -149,23 +149,11 @@ def _check_sampler_options(i: int | str, sampler: SamplerSpec) -> None:
             cls(**sampler.options)
         except (TypeError, ValueError) as error:
             raise SpecError(f"{_entry(i)}.options", f"invalid together: {error}") from None
-        _check_sample_options_field(i)
 
 
 def _entry(i: int | str) -> str:
     """The spec key of a sampler entry: ``samplers[i]``, or ``reference``."""
     return f"samplers[{i}]" if isinstance(i, int) else i
-
-
-def _check_sample_options_field(i: int | str) -> None:
-    """Sampler options reach :func:`commands.sampling.sample` through ``SampleOptions.sampler_options``."""
-    import dataclasses
-
-    from commands.sampling import SampleOptions
-
-    if "sampler_options" not in {f.name for f in dataclasses.fields(SampleOptions)}:
-        raise SpecError(f"{_entry(i)}.options", "this version of commands.sampling.SampleOptions has no "
-                        "sampler_options field to pass them on; remove the options or update difftime")
 
 
 def _check_sampler_labels(spec: StudySpec) -> None:
