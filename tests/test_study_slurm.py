@@ -66,7 +66,13 @@ def array_task(tmp_path: Path, python_body: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"),
            "SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "11"}
     return subprocess.run(["bash", str(SLURM_SCRIPT), "--task", "train", "spec.yaml"], env=env, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, preexec_fn=default_sigusr1)
+
+
+def default_sigusr1() -> None:
+    """Start a child with SIGUSR1's default action, as SLURM starts a task (an ignored signal is
+    inherited, and an in-process fit earlier in this pytest process may have left it ignored)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 
 
 def test_failed_task_names_its_unit_and_log_and_exits_non_zero(tmp_path):
@@ -81,7 +87,8 @@ def test_sigusr1_outside_the_fit_does_not_kill_the_task(tmp_path):
     run = array_task(tmp_path, 'kill -USR1 $$\nsleep 0.2\necho "alive after USR1"')
     assert run.returncode == 0, run.stderr
     assert "alive after USR1" in run.stdout
-    plain = subprocess.run(["bash", "-c", "kill -USR1 $$; echo alive"], capture_output=True, text=True, timeout=30)
+    plain = subprocess.run(["bash", "-c", "kill -USR1 $$; echo alive"], capture_output=True, text=True, timeout=30,
+                           preexec_fn=default_sigusr1)
     assert plain.returncode == -signal.SIGUSR1 and "alive" not in plain.stdout  # the default it guards against
 
 
