@@ -32,10 +32,18 @@ def cluster_problem() -> str | None:
     return None
 
 
+#: what an in-process DDP test leaves in os.environ: a job that inherited MASTER_PORT would bind the
+#: same port as every other job submitted from this process (EADDRINUSE when two run side by side),
+#: instead of the port Lightning derives from its SLURM job id
+DISTRIBUTED_KEYS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
 def job_env(**extra: str) -> dict[str, str]:
-    """The environment sbatch passes to the jobs: one thread (bit-identical runs, a shared machine),
-    this interpreter's virtual environment, the test callbacks importable."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "VENV": os.path.realpath(sys.prefix),
+    """The environment sbatch passes to the jobs: a submitter's shell (no torch.distributed variables
+    left by earlier tests), one thread (bit-identical runs, a shared machine), this interpreter's
+    virtual environment, the test callbacks importable."""
+    clean = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_KEYS}
+    return {**clean, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "VENV": os.path.realpath(sys.prefix),
             "PYTHON": sys.executable, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", **extra}
 
 
