@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_config_headers import FEW_SAMPLER_STEPS, TINY, run_study
+from test_config_headers import FEW_SAMPLER_STEPS, TINY, clone, run_study  # noqa: F401 - clone is a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -60,14 +60,6 @@ def make_recipe(target: str) -> list[str]:
     recipe = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", text, re.M).group(1)
     line = next(ln for ln in recipe.splitlines() if "train.py" in ln)
     return shlex.split(line.split("train.py", 1)[1])
-
-
-@pytest.fixture
-def clone(tmp_path, monkeypatch) -> Path:
-    for name in ("configs", "scripts"):
-        (tmp_path / name).symlink_to(ROOT / name)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def run_command(language: str, command: str, clone: Path) -> None:
