@@ -175,3 +175,85 @@ def test_sampler_options_reach_the_sampler():
     assert vars(built)["threshold"] == "dynamic" and vars(built)["percentile"] == 0.99
     assert vars(plain)["threshold"] is None and type(built) is type(SAMPLERS["dpm_solver_pp"]())
     assert built.nfe(8) == plain.nfe(8)
+
+
+def sample_models(plan) -> dict[str, set[str]]:
+    """Sampler tag -> the model labels (``T0.4-trunc1-gaussian``) it has sample units on."""
+    found: dict[str, set[str]] = {}
+    for unit in plan.units.values():
+        if unit.kind == "sample" and not unit.params.get("reference"):
+            tag = unit.params.get("sampler_label", unit.params["sampler"])
+            found.setdefault(tag, set()).add(unit.label.split(f"-{tag}-nfe")[0])
+    return found
+
+
+def test_models_restrict_an_entry_and_keep_the_ids_of_the_units_it_plans(tmp_path, passes_options):
+    full = plan_of(write(tmp_path / "a", [{"name": "dpm_solver_pp", "nfe": [4, 8]}, DYNAMIC]))
+    some = plan_of(write(tmp_path / "b", [{"name": "dpm_solver_pp", "nfe": [4, 8]},
+                                          {**DYNAMIC, "models": ["T1-trained-gaussian", "T0.4-trunc1-realnvp"]}]))
+    assert sample_models(full) == {"dpm_solver_pp": {"T1-trained-gaussian", "T0.4-trunc1-gaussian",
+                                                     "T0.4-trunc1-realnvp"},
+                                   "dpm_dyn": {"T1-trained-gaussian", "T0.4-trunc1-gaussian", "T0.4-trunc1-realnvp"}}
+    assert sample_models(some)["dpm_dyn"] == {"T1-trained-gaussian", "T0.4-trunc1-realnvp"}
+    planned = {u for u in some.units if not u.startswith("report/")}
+    assert planned < set(full.units)
+    assert {u for u in set(full.units) - set(some.units) if not u.startswith("report/")} == {
+        u for u in full.units if u.startswith("sample/T0.4-trunc1-gaussian-dpm_dyn-")}
+
+
+def test_one_sampler_may_run_other_budgets_on_disjoint_models(tmp_path):
+    plan = plan_of(write(tmp_path, [
+        {"name": "dpm_solver_pp", "nfe": [4, 8], "models": ["T1-trained-gaussian", "T0.4-trunc1-realnvp"]},
+        {"name": "dpm_solver_pp", "nfe": [8], "models": ["T0.4-trunc1-gaussian"]}]))
+    budgets = {(u.label.split("-dpm_solver_pp-")[0], u.params["nfe_budget"]) for u in plan.units.values()
+               if u.kind == "sample"}
+    assert budgets == {("T1-trained-gaussian", 4), ("T1-trained-gaussian", 8), ("T0.4-trunc1-realnvp", 4),
+                       ("T0.4-trunc1-realnvp", 8), ("T0.4-trunc1-gaussian", 8)}
+
+
+@pytest.mark.parametrize("second, key, says", [
+    ({"models": ["T0.4-trunc1-glow"]}, "samplers[1].models[0]", "T1-trained-gaussian, T0.4-trunc1-gaussian, "
+                                                               "T0.4-trunc1-realnvp"),
+    ({"models": []}, "samplers[1].models", "leave the key out"),
+    ({"models": ["T1-trained-gaussian"]}, "samplers[1].label", "disjoint models"),
+], ids=["unknown-model", "empty", "overlapping"])
+def test_bad_models_are_one_line_naming_the_key(tmp_path, second, key, says):
+    first = {"name": "dpm_solver_pp", "nfe": [4], "models": ["T1-trained-gaussian", "T0.4-trunc1-realnvp"]}
+    path = write(tmp_path, [first, {"name": "dpm_solver_pp", "nfe": [8], **second}])
+    with pytest.raises(study.SpecError) as caught:
+        study.load_spec(path)
+    assert caught.value.key == key and says in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_reference_with_models_runs_only_on_them(tmp_path):
+    path = write(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["reference"] = {"name": "adaptive_ode", "models": ["T1-trained-gaussian"]}
+    path.write_text(yaml.safe_dump(data))
+    refs = [u for u in plan_of(path).units.values() if u.kind == "sample" and u.params.get("reference")]
+    assert [u.label for u in refs] == ["T1-trained-gaussian-ref-adaptive_ode"]
+    data["reference"]["models"] = ["T2-trained-gaussian"]
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(study.SpecError) as caught:
+        study.load_spec(path)
+    assert caught.value.key == "reference.models[0]"
+
+
+def test_findings_and_the_quality_figure_skip_the_samplers_a_model_does_not_run():
+    """A ragged grid (the dynamic entry only on T = 1): no empty curve, no sentence about a pair not run."""
+    from commands.study.figures import figure_quality
+    from commands.study.findings import findings
+
+    def row(T, prior, sampler, nfe, fd):
+        return {"T": T, "T_train": T, "source": "trained", "prior": prior, "sampler": sampler, "nfe": nfe,
+                "fd": fd, "fd_low": fd - 1, "fd_high": fd + 1, "recall": 0.5, "bpd_elbo": 1.0, "bpd_elbo_se": 0.01,
+                "bpd_prior": 0.1, "bpd_diffusion": 0.8, "bpd_reconstruction": 0.0}
+
+    rows = [row(1.0, "gaussian", "sde", 8, 10), row(1.0, "gaussian", "sde", 16, 5), row(1.0, "gaussian", "dyn", 8, 9),
+            row(0.4, "glow", "sde", 8, 5.5), row(0.4, "glow", "sde", 16, 5)]
+    text = findings(rows, 1.0)
+    assert "With sde, T=0.4 (trained), glow reaches" in text and "with 8 NFE" in text
+    assert "With dyn, T=0.4" not in text
+    figure = figure_quality(rows)
+    curves = [len(line.get_xdata()) for axis in figure.axes for line in axis.get_lines()]
+    assert sorted(curves) == [1, 2, 2]

@@ -18,6 +18,7 @@ from typing import Any
 
 from commands.study.config import checkpoint_interval, model_config, score_sde_config
 from commands.study.nfe import steps_for_nfe
+from commands.study.plan import evaluated_models
 from commands.study.spec import (GAUSSIAN, ModelSpec, ReferenceSpec, SamplerSpec, SpecError, StudySpec, parse_spec,
                                  spec_path)
 
@@ -107,6 +108,22 @@ def _check_samplers(spec: StudySpec, sde_config: dict[str, Any]) -> None:
     _check_sampler_labels(spec)
     if spec.reference is not None:
         _check_reference(spec.reference, sde_config)
+    _check_models(spec)
+
+
+def _check_models(spec: StudySpec) -> None:
+    """Each ``models`` label names a model the study evaluates; a list, if given, is not empty."""
+    known = evaluated_models(spec)
+    entries = [(f"samplers[{i}]", s.models) for i, s in enumerate(spec.samplers)]
+    entries += [("reference", spec.reference.models)] if spec.reference is not None else []
+    for key, models in entries:
+        if models is None:
+            continue
+        if not models:
+            raise SpecError(f"{key}.models", "an empty list runs nothing: leave the key out to run every model")
+        for j, label in enumerate(models):
+            if label not in known:
+                raise SpecError(f"{key}.models[{j}]", f"{label!r} is not an evaluated model (these are: {', '.join(known)})")
 
 
 def _check_reference(ref: ReferenceSpec, sde_config: dict[str, Any]) -> None:
@@ -157,8 +174,8 @@ def _entry(i: int | str) -> str:
 
 
 def _check_sampler_labels(spec: StudySpec) -> None:
-    """Each entry's name in unit labels and the report (``label``, else ``name``) is unique and a
-    plain file-name word."""
+    """Each entry's name in unit labels and the report (``label``, else ``name``) is a plain file-name
+    word, unique unless the entries differ only in NFE budgets on disjoint models."""
     seen: dict[str, int] = {}
     for i, sampler in enumerate(spec.samplers):
         if sampler.label is not None and not re.fullmatch(r"[A-Za-z0-9_.]+", sampler.label):
@@ -167,10 +184,17 @@ def _check_sampler_labels(spec: StudySpec) -> None:
         if sampler.tag.startswith("reference_"):
             raise SpecError(f"samplers[{i}].label", f"= {sampler.tag!r} is invalid: 'reference_' names the "
                             "converged reference units")
-        if sampler.tag in seen:
+        if sampler.tag in seen and not _split_by_models(spec.samplers[seen[sampler.tag]], sampler):
             raise SpecError(f"samplers[{i}].label", f"{sampler.tag!r} also names samplers[{seen[sampler.tag]}]: give "
-                            "each entry of the same sampler its own label")
+                            "each entry of the same sampler its own label (or disjoint models)")
         seen[sampler.tag] = i
+
+
+def _split_by_models(a: SamplerSpec, b: SamplerSpec) -> bool:
+    """Two entries of one sampler with the same options on disjoint models (e.g. a full NFE sweep on
+    some models, one budget on others): they may share a name, no unit is named twice."""
+    return (a.name == b.name and a.options == b.options and a.models is not None and b.models is not None
+            and not set(a.models) & set(b.models))
 
 
 def check_device(device: str, executor: str = "local") -> None:

@@ -62,6 +62,8 @@ def figure_quality(rows: list[dict[str, Any]]) -> Any:
     for axis, sampler in zip(axes[0], samplers):
         for config in configs(rows):
             chosen = _curve(rows, sampler, config)
+            if not chosen:  # a sampler entry restricted to some models (spec: samplers[i].models)
+                continue
             # draw the interval itself, not symmetric error bars around the point
             nfe = [r["nfe"] for r in chosen]
             line, = axis.plot(nfe, [r["fd"] for r in chosen], marker="o", label=config_name(chosen[0]))
@@ -77,15 +79,20 @@ def figure_quality(rows: list[dict[str, Any]]) -> Any:
 
 
 def figure_samples(plan: Plan, rows: list[dict[str, Any]]) -> Any:
-    """The same seeds' samples side by side for each (T', source, prior), first sampler at its largest NFE."""
+    """The same seeds' samples side by side for each (T', source, prior) that has the most common
+    sampler, all at the largest NFE they share (each at its own largest if they share none)."""
     from difftime.render import image_grid
 
     plt = _pyplot()
-    sampler, chosen = rows[0]["sampler"], configs(rows)
-    fig, axes = plt.subplots(1, len(chosen), figsize=(3.2 * len(chosen), 3.6), squeeze=False)
+    tags = [r["sampler"] for r in rows]
+    sampler = max(dict.fromkeys(tags), key=tags.count)
+    curves = {config: _curve(rows, sampler, config) for config in configs(rows)}
+    curves = {config: curve for config, curve in curves.items() if curve}
+    shared = set.intersection(*({r["nfe"] for r in curve} for curve in curves.values()))
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.6), squeeze=False)
     n = plan.spec.quality.grid
-    for axis, config in zip(axes[0], chosen):
-        row = _curve(rows, sampler, config)[-1]
+    for axis, curve in zip(axes[0], curves.values()):
+        row = next(r for r in curve if r["nfe"] == max(shared)) if shared else curve[-1]
         samples = load_samples(plan.units[row["unit"]])[:n]
         if samples.dtype.is_floating_point:
             axis.scatter(samples[:, 0], samples[:, -1], s=6)

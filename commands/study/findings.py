@@ -75,6 +75,8 @@ def findings(rows: list[dict[str, Any]], T_max: float) -> str:
         for config in short:
             chosen = sorted((r for r in rows if r["sampler"] == sampler and (r["T"], r["source"], r["prior"]) == config),
                             key=lambda r: r["nfe"])
+            if not chosen:  # this sampler does not run on this model (spec: samplers[i].models)
+                continue
             reached = next((r for r in chosen if r["fd_low"] <= ref["fd_high"]), None)
             name = config_name(chosen[0])
             if reached is not None:

@@ -134,24 +134,37 @@ def eval_points(spec: StudySpec) -> list[tuple[float, float]]:
     return list(dict.fromkeys(points))
 
 
+def model_label(T_train: float, T: float, prior: str) -> str:
+    """An evaluated model's name in unit labels and in a sampler's ``models``: ``T0.4-trunc1-glow``."""
+    source = "trained" if T == T_train else f"trunc{T_train:g}"
+    return f"T{T:g}-{source}-{prior}"
+
+
+def evaluated_models(spec: StudySpec) -> list[str]:
+    """The labels of every (score model, T', prior) the study evaluates, in plan order."""
+    return [model_label(T_train, T, name) for T_train, T in eval_points(spec) for name in spec.priors
+            if name == GAUSSIAN or T in aux_points(spec, name)]
+
+
 def _eval_units(spec: StudySpec, units: dict[str, Unit], score: Unit, T: float, prior: str, aux: Unit | None,
                 out: Path) -> None:
     T_train = score.params["model"]["init_args"]["sde"]["init_args"]["T"]
     common = {"score": score.id, "T_train": T_train, "T": T, "prior": prior, "aux": aux.id if aux else None}
     deps = [score.id] + ([aux.id] if aux else [])
-    source = "trained" if T == T_train else f"trunc{T_train:g}"
-    label = f"T{T:g}-{source}-{prior}"
+    label = model_label(T_train, T, prior)
     bpd = Unit("bpd", "evaluate", label, {**common, "bpd": dataclasses.asdict(spec.bpd)}, deps, root=out)
     units[bpd.id] = bpd
     sde = with_T(score_sde_config(spec), T)
     for sampler in spec.samplers:
+        if sampler.models is not None and label not in sampler.models:
+            continue
         for budget in sampler.nfe:
             steps, nfe = steps_for_nfe(sampler.name, budget, sde, sampler.name, sampler.options)
             params = {**common, "sampler": sampler.name, "steps": steps, "nfe_budget": budget, "nfe": nfe,
                       "n": spec.quality.n_samples, "seed": spec.seed, **sampler_extras(sampler)}
             unit = Unit("sample", "evaluate", f"{label}-{sampler.tag}-nfe{nfe}", params, deps, root=out)
             units[unit.id] = unit
-    if spec.reference is not None:
+    if spec.reference is not None and (spec.reference.models is None or label in spec.reference.models):
         unit = _reference_unit(spec, common, sde, f"{label}-ref-{spec.reference.name}", deps, out)
         units[unit.id] = unit
 

@@ -67,12 +67,15 @@ class SamplerSpec:
     percentile: 0.995``; ``steps`` comes from the budget). ``label``: the sampler's name in unit
     labels and the report (default: ``name``), so one sampler with two option sets can sit side by
     side. Both enter a unit's params only when set: entries without them keep their unit ids.
+    ``models``: the evaluated models it runs on, by label (``T1-trained-gaussian``,
+    ``T0.4-trunc1-glow``: T', where the score model comes from, prior); default every one.
     """
 
     name: str
     nfe: list[int]
     options: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
+    models: list[str] | None = None
 
     @property
     def tag(self) -> str:
@@ -89,6 +92,7 @@ class ReferenceSpec:
     name: str
     nfe: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    models: list[str] | None = None  # as a sampler's: the evaluated models it runs on (default every one)
 
 
 @dataclass
