@@ -18,6 +18,10 @@ doubling of the training steps changed FD and KID by less than their intervals' 
 The run folder is only read: nothing is written under it (``--out`` inside it is refused).
 
     python -m benchmarks.plateau runs/study_digits_plateau/units/score/T1-ab7212d080 [--n 1000]
+
+A model trained at a short T is measured with its auxiliary prior (the Gaussian at T < 1 would
+measure the prior's mismatch, not the score model): ``--prior <aux unit>/checkpoints/<step>.ckpt``;
+its results are then named ``<unit>-<aux unit>``.
 """
 
 from __future__ import annotations
@@ -42,11 +46,22 @@ STEP = re.compile(r"step=(\d+)\.ckpt$")
 KEY = ("step", "sampler", "sampler_steps", "n_samples", "seed")
 
 
-def load_run(ckpt: Path, config: Path) -> tuple[Any, Any]:
-    """The model of one checkpoint and its datamodule (the project's loader, which verifies the weights)."""
+def load_run(ckpt: Path, config: Path, prior: Path | None = None) -> tuple[Any, Any]:
+    """The model of one checkpoint and its datamodule (the project's loader, which verifies the weights),
+    with the auxiliary prior of ``prior`` (an AuxPriorModule checkpoint at the run's T) in place of its own."""
     from commands.runs import load_run as loader
 
-    return loader(ckpt, config=config)
+    return loader(ckpt, config=config, prior=str(prior) if prior else None)
+
+
+def prior_name(args: argparse.Namespace) -> str:
+    """``own`` (the run's prior) or the aux unit / run folder of ``--prior``."""
+    return args.prior.resolve().parent.parent.name if args.prior else "own"
+
+
+def curve_name(args: argparse.Namespace) -> str:
+    """The results' file stem: the unit's name, and the prior's when ``--prior`` replaces it."""
+    return args.unit.name if args.prior is None else f"{args.unit.name}-{prior_name(args)}"
 
 
 def generate(model: Any, sampler: Any, n: int, batch: int, seed: int, steps: int | None) -> tuple[torch.Tensor, list]:
@@ -73,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: the run's sampler")
     parser.add_argument("--sampler_steps", type=int, default=None, help="default: the sampler's own")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prior", type=Path, default=None,
+                        help="an AuxPriorModule checkpoint at the run's T to sample from (default: the run's prior)")
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--groups", type=int, default=50, help="jackknife groups per set")
     parser.add_argument("--classifier", type=Path, default=None,
@@ -145,7 +162,7 @@ def measure(args: argparse.Namespace, step: int, ckpt: Path, model: Any, sampler
     row = quality.quality_row(space["reference"], fake, space["name"], groups=args.groups, seed=args.seed)
     name, steps = setting(args, sampler)
     return {"unit": args.unit.name, "step": step, "checkpoint": ckpt.name, "checkpoint_sha256": _digest(ckpt),
-            "sampler": name, "sampler_steps": steps, "nfe": infos[0].get("nfe"), "seed": args.seed, **row,
+            "prior": prior_name(args), "sampler": name, "sampler_steps": steps, "nfe": infos[0].get("nfe"), "seed": args.seed, **row,
             "reference": "test split", "sample_s": round(sample_s, 2), "eval_s": round(time.perf_counter() - start, 2)}
 
 
@@ -190,8 +207,8 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
 
 
 def same_setting(row: dict[str, str], args: argparse.Namespace, sampler_setting: tuple[str, str]) -> bool:
-    return (row["sampler"], row["sampler_steps"], row["n_samples"], row["seed"]) == (
-        *sampler_setting, str(args.n), str(args.seed))
+    return (row.get("prior", "own"), row["sampler"], row["sampler_steps"], row["n_samples"], row["seed"]) == (
+        prior_name(args), *sampler_setting, str(args.n), str(args.seed))
 
 
 # ---------------------------------------------------------------------- report
@@ -217,7 +234,7 @@ def verdict(rows: list[dict[str, str]]) -> list[str]:
 def write_report(path: Path, rows: list[dict[str, str]], floor: dict[str, Any] | None = None) -> None:
     lines = [f"# Training-length curve of {rows[0]['unit']}", "",
              f"{rows[0]['n_samples']} samples per step from {rows[0]['sampler']} ({rows[0]['sampler_steps']} steps, "
-             f"NFE {rows[0]['nfe']}), seeds {rows[0]['seed']}..; {rows[0]['n_reference']} test digits.", "",
+             f"NFE {rows[0]['nfe']}), prior {rows[0].get('prior', 'own')} (own: the run's), seeds {rows[0]['seed']}..; {rows[0]['n_reference']} test digits.", "",
              "| step | FD | KID | precision | recall |", "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: int(r["step"])):
         cell = lambda k: f"{float(r[k]):.4g} [{float(r[k + '_low']):.4g}, {float(r[k + '_high']):.4g}]"
@@ -263,9 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     if not found:
         raise SystemExit(f"plateau.py: error: no checkpoint of steps {args.steps} in {args.unit / 'checkpoints'}")
     args.out.mkdir(parents=True, exist_ok=True)
-    csv_path, space, chosen = args.out / f"{args.unit.name}.csv", {}, None
+    csv_path, space, chosen = args.out / f"{curve_name(args)}.csv", {}, None
     for step, ckpt in found.items():
-        model, datamodule = load_run(ckpt, args.unit / "config.yaml")
+        model, datamodule = load_run(ckpt, args.unit / "config.yaml", args.prior)
         sampler = SAMPLERS[args.sampler]() if args.sampler else model.sampler
         chosen = setting(args, sampler)
         if any(int(r["step"]) == step and same_setting(r, args, chosen) for r in read_rows(csv_path)):
@@ -286,8 +303,8 @@ def main(argv: list[str] | None = None) -> None:
         trained = classifier(args, data["train"], data["test"])
         space = {"model": trained.model, "name": trained.name,
                  "reference": features.extract_features(trained.model, data["test"][0])}
-    write_report(args.out / f"{args.unit.name}.md", rows, floor_row(args, data["train"], space))
-    figure(args.out / f"{args.unit.name}.png", rows)
+    write_report(args.out / f"{curve_name(args)}.md", rows, floor_row(args, data["train"], space))
+    figure(args.out / f"{curve_name(args)}.png", rows)
     print("\n".join(verdict(rows)))
 
 
