@@ -231,10 +231,14 @@ def verdict(rows: list[dict[str, str]]) -> list[str]:
     return out
 
 
+def _prior_text(prior: str) -> str:
+    return "from the run's own prior" if prior == "own" else f"from the auxiliary prior {prior}"
+
+
 def write_report(path: Path, rows: list[dict[str, str]], floor: dict[str, Any] | None = None) -> None:
     lines = [f"# Training-length curve of {rows[0]['unit']}", "",
              f"{rows[0]['n_samples']} samples per step from {rows[0]['sampler']} ({rows[0]['sampler_steps']} steps, "
-             f"NFE {rows[0]['nfe']}), prior {rows[0].get('prior', 'own')} (own: the run's), seeds {rows[0]['seed']}..; {rows[0]['n_reference']} test digits.", "",
+             f"NFE {rows[0]['nfe']}), {_prior_text(rows[0].get('prior', 'own'))}, seeds {rows[0]['seed']}..; {rows[0]['n_reference']} test digits.", "",
              "| step | FD | KID | precision | recall |", "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: int(r["step"])):
         cell = lambda k: f"{float(r[k]):.4g} [{float(r[k + '_low']):.4g}, {float(r[k + '_high']):.4g}]"
