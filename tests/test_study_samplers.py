@@ -257,3 +257,23 @@ def test_findings_and_the_quality_figure_skip_the_samplers_a_model_does_not_run(
     figure = figure_quality(rows)
     curves = [len(line.get_xdata()) for axis in figure.axes for line in axis.get_lines()]
     assert sorted(curves) == [1, 2, 2]
+
+
+def test_the_verdict_compares_with_the_fastest_route_at_T_max():
+    """nfe_to_baseline per configuration: T = 1 reaches the converged FD at 8 NFE with one sampler, so
+    T' = 0.6 reaching it at 12 NFE is not 'fewer NFE'; at 6 NFE (bits/dim no worse) it is."""
+    from commands.study.findings import findings
+
+    rows = [{"T": T, "T_train": 1.0, "source": "trained" if T == 1.0 else "truncated", "prior": prior,
+             "sampler": "sde", "nfe": 12, "fd": 1.0, "fd_low": 0.0, "fd_high": 2.0, "recall": 0.9,
+             "bpd_elbo": 1.64, "bpd_elbo_se": 0.02, "bpd_prior": 0.0, "bpd_diffusion": 2.5, "bpd_reconstruction": 0.9}
+            for T, prior in ((1.0, "gaussian"), (0.6, "glow"))]
+    reached = {(1.0, "trained", "gaussian", "sde"): 12, (1.0, "trained", "gaussian", "ode"): 8,
+               (0.6, "truncated", "glow", "sde"): 12}
+    text = findings(rows, 1.0, reached)
+    assert text.startswith("Overall, these numbers do not support the paper's claim of fewer NFE: T=1 with the "
+                           "Gaussian prior reaches it at 8 NFE (ode)")
+    reached[(0.6, "truncated", "glow", "sde")] = 6
+    assert findings(rows, 1.0, reached).startswith("Overall, these numbers support")
+    rows[1]["bpd_elbo"] = 1.8  # worse bits/dim: not the paper's claim even at fewer NFE
+    assert "do not support" in findings(rows, 1.0, reached).split(".")[0]

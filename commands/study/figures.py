@@ -55,25 +55,46 @@ def _curve(rows: list[dict[str, Any]], sampler: str, config: tuple[float, str, s
 
 
 def figure_quality(rows: list[dict[str, Any]]) -> Any:
-    """Fréchet distance (jackknife interval) against NFE, one panel per sampler, one curve per (T', source, prior)."""
+    """Fréchet distance (jackknife interval) against NFE, one panel per sampler, one curve per (T', source,
+    prior) in the same colour on every panel; the converged references (``reference_*`` rows) are bands
+    drawn on every panel, not panels of their own. Symmetric-log y axis: FD spans 0 to hundreds."""
     plt = _pyplot()
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    refs = [r for r in rows if r["sampler"].startswith("reference_")]
+    rows = [r for r in rows if not r["sampler"].startswith("reference_")]
     samplers = list(dict.fromkeys(r["sampler"] for r in rows))
-    fig, axes = plt.subplots(1, len(samplers), figsize=(5.5 * len(samplers), 4), squeeze=False)
+    colours = {config: f"C{i % 10}" for i, config in enumerate(configs(rows + refs))}
+    fig, axes = plt.subplots(1, len(samplers), figsize=(5.2 * len(samplers), 4.2), squeeze=False, sharey=True)
     for axis, sampler in zip(axes[0], samplers):
+        for ref in refs:
+            config = (ref["T"], ref["source"], ref["prior"])
+            axis.axhspan(ref["fd_low"], ref["fd_high"], color=colours[config], alpha=0.12)
+            axis.axhline(ref["fd"], color=colours[config], linestyle=":", linewidth=1,
+                         label=f"{config_name(ref)}, {ref['sampler'].removeprefix('reference_')} {ref['nfe']} NFE "
+                               "(converged reference)")
         for config in configs(rows):
             chosen = _curve(rows, sampler, config)
             if not chosen:  # a sampler entry restricted to some models (spec: samplers[i].models)
                 continue
             # draw the interval itself, not symmetric error bars around the point
             nfe = [r["nfe"] for r in chosen]
-            line, = axis.plot(nfe, [r["fd"] for r in chosen], marker="o", label=config_name(chosen[0]))
-            axis.vlines(nfe, [r["fd_low"] for r in chosen], [r["fd_high"] for r in chosen], color=line.get_color(),
+            axis.plot(nfe, [r["fd"] for r in chosen], marker="o", color=colours[config], label=config_name(chosen[0]))
+            axis.vlines(nfe, [r["fd_low"] for r in chosen], [r["fd_high"] for r in chosen], color=colours[config],
                         alpha=0.6)
+        ticks = sorted({r["nfe"] for r in rows if r["sampler"] == sampler})
         axis.set_xscale("log")
+        axis.set_xticks(ticks)
+        axis.xaxis.set_major_formatter(ScalarFormatter())
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        axis.set_yscale("symlog", linthresh=10)
         axis.set_xlabel("NFE per sample")
-        axis.set_ylabel("Fréchet distance (features)")
         axis.set_title(sampler, fontsize=10)
-    axes[0][0].legend(fontsize=7)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("Fréchet distance (features), 95 % interval")
+    handles = {label: handle for axis in axes[0] for handle, label in zip(*axis.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)), fontsize=8,
+               bbox_to_anchor=(0.5, -0.02 - 0.035 * math.ceil(len(handles) / 4)))
     fig.tight_layout()
     return fig
 
@@ -89,9 +110,13 @@ def figure_samples(plan: Plan, rows: list[dict[str, Any]]) -> Any:
     curves = {config: _curve(rows, sampler, config) for config in configs(rows)}
     curves = {config: curve for config, curve in curves.items() if curve}
     shared = set.intersection(*({r["nfe"] for r in curve} for curve in curves.values()))
-    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.6), squeeze=False)
+    columns = min(5, len(curves))
+    fig, axes = plt.subplots(math.ceil(len(curves) / columns), columns, figsize=(3.2 * columns,
+                             3.6 * math.ceil(len(curves) / columns)), squeeze=False)
+    for axis in axes.flat[len(curves):]:
+        axis.axis("off")
     n = plan.spec.quality.grid
-    for axis, curve in zip(axes[0], curves.values()):
+    for axis, curve in zip(axes.flat, curves.values()):
         row = next(r for r in curve if r["nfe"] == max(shared)) if shared else curve[-1]
         samples = load_samples(plan.units[row["unit"]])[:n]
         if samples.dtype.is_floating_point:
